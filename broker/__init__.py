@@ -1,0 +1,1 @@
+"""The Swarm broker daemon: AMQP in and out, the scheduler and the resource ledger."""

@@ -1,0 +1,242 @@
+"""The producers' client: submit tasks and await replies. Imports `schemas` and aio-pika only,
+so a producer never pays Ray's import.
+
+    async with SwarmClient(url) as swarm:
+        reply = await swarm.submit("inference", "echo", {"x": 1})
+"""
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from types import TracebackType
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+    DeliveryMode,
+)
+from aiormq.abc import DeliveredMessage
+
+from broker.connection import connect
+from broker.errors import BrokerError
+from broker.topology import declare
+from schemas.codec import decode, encode
+from schemas.reply import Reply
+from schemas.topology import CONTENT_TYPE, CONTROL_QUEUE, PROTOCOL_VERSION
+
+
+class SubmitError(BrokerError):
+    """The task could not be handed to RabbitMQ (unroutable or refused)."""
+
+
+class ReplyTimeout(BrokerError):
+    """No reply arrived within the client's wait."""
+
+
+class SwarmClient:
+    def __init__(self, amqp_url: str, *, reply_timeout_s: float | None = None) -> None:
+        self._url = amqp_url
+        self._reply_timeout_s = reply_timeout_s
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._tasks: AbstractExchange | None = None
+        self._replies: AbstractQueue | None = None
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+
+    async def __aenter__(self) -> "SwarmClient":
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        self._connection = await connect(self._url, name="swarm-client")
+        self._channel = await self._connection.channel(publisher_confirms=True)
+        # Declaring is idempotent; it means a task published before any daemon ever ran is
+        # queued, not dropped.
+        topology = await declare(self._channel)
+        self._tasks = topology.tasks
+        self._replies = await self._channel.declare_queue("", exclusive=True, auto_delete=True)
+        await self._replies.consume(self._on_reply, no_ack=True)
+
+    async def close(self) -> None:
+        for future in self._waiting.values():
+            future.cancel()
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._waiting.pop(message.correlation_id or "", None)
+        if future is None or future.done():
+            return  # a duplicate reply, or one for a task we stopped waiting for
+        try:
+            future.set_result(Reply.model_validate(decode(message.body)))
+        except Exception as exc:
+            future.set_exception(exc)
+
+    def _require(self) -> tuple[AbstractChannel, AbstractExchange, AbstractQueue]:
+        if self._channel is None or self._tasks is None or self._replies is None:
+            raise BrokerError("the client is not connected; use `async with SwarmClient(...)`")
+        return self._channel, self._tasks, self._replies
+
+    async def send(
+        self,
+        task_type: str,
+        handler: str,
+        args: Any = None,
+        *,
+        task_id: str | None = None,
+        **fields: Any,
+    ) -> "asyncio.Future[Reply]":
+        """Publish one task (confirmed by RabbitMQ) and return a future of its reply."""
+        _, tasks, replies = self._require()
+        task_id = task_id or uuid.uuid4().hex
+        body: dict[str, Any] = {
+            "v": PROTOCOL_VERSION,
+            "id": task_id,
+            "type": task_type,
+            "handler": handler,
+            "args": args,
+        }
+        body.update({key: value for key, value in fields.items() if value is not None})
+        correlation_id = uuid.uuid4().hex
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[correlation_id] = future
+        message = aio_pika.Message(
+            encode(body),
+            content_type=CONTENT_TYPE,
+            message_id=task_id,
+            correlation_id=correlation_id,
+            reply_to=replies.name,
+            delivery_mode=DeliveryMode.PERSISTENT,
+        )
+        try:
+            confirmation = await tasks.publish(message, task_type, mandatory=True)
+        except Exception as exc:
+            self._waiting.pop(correlation_id, None)
+            raise SubmitError(f"task {task_id} was not accepted by RabbitMQ: {exc}") from exc
+        if isinstance(confirmation, DeliveredMessage):
+            self._waiting.pop(correlation_id, None)
+            raise SubmitError(f"task {task_id} was unroutable: no queue for type {task_type!r}")
+        return future
+
+    async def submit(
+        self,
+        task_type: str,
+        handler: str,
+        args: Any = None,
+        *,
+        timeout_s: float | None = None,
+        **fields: Any,
+    ) -> Reply:
+        """Publish one task and wait for its reply. `fields` are the optional task keys
+        (task_id, resources, pool, priority, deadline, max_retries, and `run_timeout_s` for
+        the task's own `timeout_s`)."""
+        if "run_timeout_s" in fields:
+            fields["timeout_s"] = fields.pop("run_timeout_s")
+        future = await self.send(task_type, handler, args, **fields)
+        return await self._wait(future, timeout_s)
+
+    async def _wait(self, future: "asyncio.Future[Reply]", timeout_s: float | None) -> Reply:
+        wait_s = timeout_s if timeout_s is not None else self._reply_timeout_s
+        try:
+            return await asyncio.wait_for(future, wait_s)
+        except asyncio.TimeoutError as exc:
+            raise ReplyTimeout(f"no reply within {wait_s:g} s") from exc
+
+    async def map(
+        self,
+        task_type: str,
+        handler: str,
+        many_args: Iterable[Any],
+        *,
+        max_in_flight: int = 256,
+        timeout_s: float | None = None,
+        **fields: Any,
+    ) -> AsyncIterator[Reply]:
+        """Submit a task per item with at most `max_in_flight` unanswered; yield replies in
+        the order of the inputs."""
+        window: asyncio.Queue[asyncio.Future[Reply] | None] = asyncio.Queue(max_in_flight)
+
+        async def produce() -> None:
+            for args in many_args:
+                await window.put(await self.send(task_type, handler, args, **fields))
+            await window.put(None)
+
+        producer = asyncio.create_task(produce())
+        try:
+            while (future := await window.get()) is not None:
+                yield await self._wait(future, timeout_s)
+            await producer
+        finally:
+            producer.cancel()
+
+    async def status(self, *, timeout_s: float = 30.0) -> dict[str, Any]:
+        """The daemon's `status` control answer: pools, nodes, queues, limits."""
+        channel, _, replies = self._require()
+        correlation_id = uuid.uuid4().hex
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[correlation_id] = future
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                encode({"v": PROTOCOL_VERSION, "op": "status"}),
+                content_type=CONTENT_TYPE,
+                correlation_id=correlation_id,
+                reply_to=replies.name,
+            ),
+            CONTROL_QUEUE,
+        )
+        reply = await self._wait(future, timeout_s)
+        if reply.status != "ok":
+            raise BrokerError(f"status failed: {reply.error}")
+        return reply.result  # type: ignore[no-any-return]
+
+
+class SyncSwarmClient:
+    """A blocking wrapper for scripts: `with SyncSwarmClient(url) as swarm: swarm.submit(...)`."""
+
+    def __init__(self, amqp_url: str, *, reply_timeout_s: float | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = SwarmClient(amqp_url, reply_timeout_s=reply_timeout_s)
+
+    def __enter__(self) -> "SyncSwarmClient":
+        self._loop.run_until_complete(self._client.connect())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.run_until_complete(self._client.close())
+        self._loop.close()
+
+    def submit(self, task_type: str, handler: str, args: Any = None, **fields: Any) -> Reply:
+        return self._loop.run_until_complete(
+            self._client.submit(task_type, handler, args, **fields)
+        )
+
+    def map(
+        self, task_type: str, handler: str, many_args: Iterable[Any], **fields: Any
+    ) -> list[Reply]:
+        async def collect() -> list[Reply]:
+            return [r async for r in self._client.map(task_type, handler, many_args, **fields)]
+
+        return self._loop.run_until_complete(collect())
+
+    def status(self) -> dict[str, Any]:
+        return self._loop.run_until_complete(self._client.status())
+
+
+def deadline_in(seconds: float) -> float:
+    """A `deadline` value `seconds` from now (unix seconds)."""
+    return time.time() + seconds

@@ -1,0 +1,93 @@
+"""Control requests on `swarm.control`: `status` (ledger, pools, queues, limits) and `cancel`."""
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from broker.delivery import Delivery
+from broker.intake import describe_validation
+from broker.ledger import Ledger
+from broker.outcome import Outcome
+from broker.pools import PoolSet
+from broker.replies import encode_reply, error_reply
+from broker.scheduler import Scheduler
+from broker.settings import Settings
+from schemas.codec import DecodeError, decode
+from schemas.control import CancelRequest, parse_control
+from schemas.reply import Reply
+from schemas.topology import CONTENT_TYPE
+
+ROUTING_TYPE = "control"
+
+
+class ControlProcessor:
+    def __init__(
+        self,
+        settings: Settings,
+        scheduler: Scheduler,
+        pools: PoolSet,
+        queue_depths: Callable[[], Awaitable[dict[str, int]]],
+    ) -> None:
+        self._settings = settings
+        self._scheduler = scheduler
+        self._ledger: Ledger = scheduler.ledger
+        self._pools = pools
+        self._queue_depths = queue_depths
+
+    async def process(self, delivery: Delivery) -> Outcome:
+        if delivery.content_type != CONTENT_TYPE:
+            return self._invalid(f"content_type must be {CONTENT_TYPE!r}")
+        try:
+            request = parse_control(decode(delivery.body, self._settings.codec_limits))
+        except DecodeError as exc:
+            return self._invalid(f"not a msgpack control request: {exc}")
+        except ValidationError as exc:
+            return self._invalid(describe_validation(exc))
+        if isinstance(request, CancelRequest):
+            return self._invalid("cancel is not available in this version of the daemon")
+        return self._ok(await self.status())
+
+    async def status(self) -> dict[str, Any]:
+        await self._pools.refresh_nodes()
+        pools = {}
+        for name in sorted(self._pools.names):
+            view = self._ledger.pool_view(name)
+            spec = self._pools.spec(name)
+            view.update(
+                {
+                    "shape": spec.shape.as_dict(),
+                    "size": spec.size,
+                    "waiting": self._scheduler.waiting(name),
+                }
+            )
+            pools[name] = view
+        return {
+            "pools": pools,
+            "nodes": [self._ledger.node_view(node) for node in self._ledger.nodes.values()],
+            "queues": await self._queue_depths(),
+            "limits": {
+                "max_body_bytes": self._settings.max_body_bytes,
+                "max_depth": self._settings.max_depth,
+                "max_containers": self._settings.max_containers,
+                "prefetch": self._settings.prefetch,
+                "default_max_retries": self._settings.default_max_retries,
+            },
+        }
+
+    def _ok(self, result: Any) -> Outcome:
+        body = encode_reply(Reply(id=None, status="ok", result=result))
+        return Outcome(None, "ok", body, ROUTING_TYPE)
+
+    def _invalid(self, message: str) -> Outcome:
+        reply = error_reply(None, "error", "invalid", message)
+        # Control requests are answered, not dead-lettered: they are not tasks.
+        return Outcome(
+            None,
+            "error",
+            encode_reply(reply),
+            ROUTING_TYPE,
+            "invalid",
+            message,
+            dead_letter_errors=False,
+        )

@@ -1,0 +1,92 @@
+"""The daemon: wires Ray pools, the ledger, the scheduler and AMQP, and runs until stopped."""
+
+import asyncio
+import contextlib
+import signal
+
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+
+from broker.connection import connect
+from broker.control import ControlProcessor
+from broker.ingress import Ingress
+from broker.ledger import Ledger
+from broker.pools import PoolSet
+from broker.processor import TaskProcessor
+from broker.scheduler import Scheduler
+from broker.settings import Settings
+from workers import cluster
+from workers.registry import load_handlers
+
+log = structlog.get_logger("swarm.daemon")
+
+NODE_REFRESH_S = 5.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = load_handlers(settings.handler_modules)
+        self.scheduler = Scheduler(Ledger())
+        self.pools = PoolSet(settings.pool_specs(), settings.handler_modules, self.scheduler)
+        self._connection: AbstractRobustConnection | None = None
+        self._ingress: Ingress | None = None
+        self._stopped = asyncio.Event()
+        self._refresher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connect to RabbitMQ (first: it fails fastest), join or start Ray, start the pools,
+        then consume. Raises a SwarmError with a one-line explanation when RabbitMQ or Ray is
+        not there."""
+        connection = await connect(self.settings.amqp_url.get_secret_value(), name="swarm-daemon")
+        self._connection = connection
+        # In a thread: ray.init blocks for seconds, and off the main thread it leaves our
+        # SIGTERM handler in place instead of installing its own.
+        await asyncio.to_thread(
+            cluster.connect, self.settings.ray_address, num_cpus=self.settings.ray_num_cpus
+        )
+        await self.pools.start()
+        tasks = TaskProcessor(self.settings, self.registry, self.scheduler, self.pools)
+        control = ControlProcessor(self.settings, self.scheduler, self.pools, self._queue_depths)
+        self._ingress = Ingress(connection, self.settings.prefetch, tasks.process, control.process)
+        await self._ingress.start()
+        self._refresher = asyncio.create_task(self._refresh_nodes())
+        log.info("daemon ready", pools=sorted(self.pools.names), handlers=self.registry.names())
+
+    async def _queue_depths(self) -> dict[str, int]:
+        return await self._ingress.queue_depths() if self._ingress is not None else {}
+
+    async def _refresh_nodes(self) -> None:
+        while True:
+            await asyncio.sleep(NODE_REFRESH_S)
+            try:
+                await self.pools.refresh_nodes()
+            except Exception as exc:
+                log.warning("could not read the cluster's nodes", error=str(exc))
+
+    async def stop(self) -> None:
+        """Stop taking work, let in-flight tasks finish within the drain deadline, requeue the
+        rest, and release the pools."""
+        if self._ingress is not None:
+            await self._ingress.stop_consuming()
+            requeued = await self._ingress.drain(self.settings.drain_timeout_s)
+            log.info("drained", requeued=requeued)
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        if self._connection is not None:
+            await self._connection.close()
+        self.pools.stop()
+        self._stopped.set()
+
+    async def serve(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        stop_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop_requested.set)
+        await self.start()
+        await stop_requested.wait()
+        log.info("stopping")
+        await self.stop()

@@ -1,0 +1,41 @@
+"""Per-delivery state, kept apart from the frozen task envelope."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message as it arrived: the raw bytes and AMQP properties, and where it came from.
+
+    `properties` holds the original AMQP properties by their aio-pika names, so a dead letter
+    can carry them unchanged. `settle_token` is the transport's handle for acknowledging.
+    """
+
+    body: bytes
+    queue: str
+    task_type: str | None
+    properties: dict[str, Any]
+    redelivered: bool
+    received_at_s: float
+    settle_token: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def content_type(self) -> str | None:
+        value = self.properties.get("content_type")
+        return value if isinstance(value, str) else None
+
+    @property
+    def message_id(self) -> str | None:
+        value = self.properties.get("message_id")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def correlation_id(self) -> str | None:
+        value = self.properties.get("correlation_id")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def reply_to(self) -> str | None:
+        value = self.properties.get("reply_to")
+        return value if isinstance(value, str) and value else None

@@ -1,0 +1,170 @@
+"""AMQP in: consume the task and control queues, hand each delivery to its processor, publish
+the outcome, and only then acknowledge. The one place that decides ack and requeue."""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from broker.delivery import Delivery
+from broker.outcome import Outcome
+from broker.publisher import Publisher
+from broker.topology import Topology, declare
+
+log = structlog.get_logger("swarm.ingress")
+
+Processor = Callable[[Delivery], Awaitable[Outcome]]
+
+_PROPERTY_NAMES = (
+    "content_type",
+    "content_encoding",
+    "headers",
+    "delivery_mode",
+    "priority",
+    "correlation_id",
+    "reply_to",
+    "expiration",
+    "message_id",
+    "timestamp",
+    "type",
+    "user_id",
+    "app_id",
+)
+
+
+def to_delivery(message: AbstractIncomingMessage, queue: str, task_type: str | None) -> Delivery:
+    return Delivery(
+        body=message.body,
+        queue=queue,
+        task_type=task_type,
+        properties={name: getattr(message, name, None) for name in _PROPERTY_NAMES},
+        redelivered=bool(message.redelivered),
+        received_at_s=time.monotonic(),
+        settle_token=message,
+    )
+
+
+class Ingress:
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        prefetch: int,
+        process_task: Processor,
+        process_control: Processor,
+    ) -> None:
+        self._connection = connection
+        self._prefetch = prefetch
+        self._process_task = process_task
+        self._process_control = process_control
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._consume_channel: AbstractChannel | None = None
+        self._topology: Topology | None = None
+        self._publisher: Publisher | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def start(self) -> None:
+        publish_channel = await self._connection.channel(publisher_confirms=True)
+        topology = await declare(publish_channel)
+        self._topology = topology
+        self._publisher = Publisher(publish_channel, topology.results, topology.dead)
+        consume_channel = await self._connection.channel()
+        await consume_channel.set_qos(prefetch_count=self._prefetch)
+        self._consume_channel = consume_channel
+        for task_type, declared in topology.task_queues.items():
+            queue = await consume_channel.get_queue(declared.name, ensure=False)
+            await self._consume(queue, task_type, self._process_task)
+        control = await consume_channel.get_queue(topology.control.name, ensure=False)
+        await self._consume(control, None, self._process_control)
+
+    async def _consume(
+        self, queue: AbstractQueue, task_type: str | None, process: Processor
+    ) -> None:
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            delivery = to_delivery(message, queue.name, task_type)
+            task = asyncio.create_task(self._handle(delivery, message, process))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+        tag = await queue.consume(on_message)
+        self._consumers.append((queue, tag))
+
+    async def _handle(
+        self, delivery: Delivery, message: AbstractIncomingMessage, process: Processor
+    ) -> None:
+        assert self._publisher is not None
+        try:
+            outcome = await process(delivery)
+            await self._publisher.publish_outcome(delivery, outcome)
+        except asyncio.CancelledError:
+            # Shutting down: hand the task back to RabbitMQ for another daemon.
+            await _requeue(message)
+            raise
+        except Exception:
+            log.exception(
+                "could not process or answer a delivery; it goes back to the queue",
+                queue=delivery.queue,
+                message_id=delivery.message_id,
+            )
+            await _requeue(message)
+            return
+        try:
+            await message.ack()
+        except Exception as exc:
+            # The channel went away after the outcome was confirmed: RabbitMQ will redeliver,
+            # and the redelivery is answered again (at least once).
+            log.warning("ack failed after the outcome was published", error=str(exc))
+
+    async def queue_depths(self) -> dict[str, int]:
+        assert self._topology is not None
+        channel = await self._connection.channel()
+        try:
+            depths = {}
+            queues = [
+                *self._topology.task_queues.values(),
+                self._topology.control,
+                self._topology.dead_queue,
+            ]
+            for queue in queues:
+                declared = await channel.declare_queue(queue.name, passive=True)
+                depths[queue.name] = int(declared.declaration_result.message_count or 0)
+            return depths
+        finally:
+            await channel.close()
+
+    async def stop_consuming(self) -> None:
+        """Stop taking new deliveries; those in flight go on."""
+        for queue, tag in self._consumers:
+            try:
+                await queue.cancel(tag)
+            except Exception as exc:
+                log.warning("could not cancel a consumer", queue=queue.name, error=str(exc))
+        self._consumers.clear()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait for in-flight deliveries up to `timeout_s`; requeue the rest. Returns requeued."""
+        pending: set[asyncio.Task[None]] = set(self._in_flight)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)
+
+
+async def _requeue(message: AbstractIncomingMessage) -> None:
+    try:
+        await message.nack(requeue=True)
+    except Exception as exc:
+        log.warning("could not requeue; RabbitMQ redelivers on channel close", error=str(exc))

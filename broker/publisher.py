@@ -1,0 +1,109 @@
+"""Publishing outcomes with publisher confirms: the reply, its copy, and the dead letter."""
+
+import asyncio
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, DeliveryMode
+from aiormq.abc import DeliveredMessage
+
+from broker.delivery import Delivery
+from broker.outcome import Outcome
+from schemas.topology import (
+    ATTEMPTS_HEADER,
+    CONTENT_TYPE,
+    ERROR_CODE_HEADER,
+    ERROR_MESSAGE_HEADER,
+    ORIGINAL_USER_HEADER,
+    SOURCE_QUEUE_HEADER,
+    STATUS_HEADER,
+    UNDELIVERED_REPLY_HEADER,
+)
+
+# RabbitMQ's direct reply-to pseudo queue. RabbitMQ 3.10 answers a mandatory publish to it
+# with a basic.return even when it delivered the reply, so those replies go non-mandatory.
+DIRECT_REPLY_PREFIX = "amq.rabbitmq.reply-to"
+# Dead-letter codes of Swarm's own, beyond the reply error codes: the reply never arrived.
+REPLY_UNDELIVERABLE = "reply_undeliverable"
+_PROPERTY_NAMES = (
+    "content_type",
+    "content_encoding",
+    "delivery_mode",
+    "priority",
+    "correlation_id",
+    "reply_to",
+    "message_id",
+    "timestamp",
+    "type",
+    "app_id",
+)
+
+
+class Publisher:
+    def __init__(
+        self, channel: AbstractChannel, results: AbstractExchange, dead: AbstractExchange
+    ) -> None:
+        self._default = channel.default_exchange
+        self._results = results
+        self._dead = dead
+
+    async def publish_outcome(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Publish the reply (to `reply_to` and `swarm.results`) and, for errors, the dead
+        letter; return once RabbitMQ confirmed them all. Raises on a nack or a lost channel."""
+        reply = aio_pika.Message(
+            outcome.reply_body,
+            content_type=CONTENT_TYPE,
+            correlation_id=delivery.correlation_id or outcome.task_id,
+            headers={STATUS_HEADER: outcome.status},
+            delivery_mode=DeliveryMode.PERSISTENT,
+        )
+        sends: list[Any] = [
+            self._results.publish(
+                reply, f"{outcome.routing_type}.{outcome.status}", mandatory=False
+            )
+        ]
+        reply_to = delivery.reply_to
+        if reply_to is not None:
+            direct = reply_to.startswith(DIRECT_REPLY_PREFIX)
+            sends.append(self._default.publish(reply, reply_to, mandatory=not direct))
+        confirmed = await asyncio.gather(*sends)
+        returned = reply_to is not None and isinstance(confirmed[1], DeliveredMessage)
+        if not (outcome.dead_letter or returned):
+            return
+        code = outcome.error_code if outcome.dead_letter else REPLY_UNDELIVERABLE
+        message = outcome.error_message or ""
+        extra: dict[str, Any] = {}
+        if returned:
+            extra[UNDELIVERED_REPLY_HEADER] = reply_to
+            message = message or f"reply to {reply_to!r} was returned: no such queue"
+        await self._publish_dead(delivery, outcome, code, message, extra)
+
+    async def _publish_dead(
+        self,
+        delivery: Delivery,
+        outcome: Outcome,
+        code: str | None,
+        message: str,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        properties = {
+            name: delivery.properties[name]
+            for name in _PROPERTY_NAMES
+            if delivery.properties.get(name) is not None
+        }
+        if "message_id" not in properties and outcome.task_id is not None:
+            properties["message_id"] = outcome.task_id
+        headers = dict(delivery.properties.get("headers") or {})
+        headers.update(
+            {
+                ERROR_CODE_HEADER: code or "",
+                ERROR_MESSAGE_HEADER: message[:4096],
+                SOURCE_QUEUE_HEADER: delivery.queue,
+                ATTEMPTS_HEADER: outcome.attempts,
+            }
+        )
+        if delivery.properties.get("user_id"):
+            headers[ORIGINAL_USER_HEADER] = delivery.properties["user_id"]
+        headers.update(extra or {})
+        letter = aio_pika.Message(delivery.body, headers=headers, **properties)
+        await self._dead.publish(letter, "", mandatory=False)

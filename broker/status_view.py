@@ -1,0 +1,46 @@
+"""`swarm status` as readable tables."""
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(vector: dict[str, Any]) -> str:
+    return f"{vector['cpus']:g} cpu  {vector['gpus']:g} gpu  {vector['memory_mb']} MB"
+
+
+def render_status(answer: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    pools = Table(title="pools")
+    for column in ("pool", "actors", "reserved", "free", "running", "waiting"):
+        pools.add_column(column)
+    for name, view in answer["pools"].items():
+        pools.add_row(
+            name,
+            str(view["actors"]),
+            _fmt(view["reserved"]),
+            _fmt(view["free"]),
+            str(view["running"]),
+            str(view["waiting"]),
+        )
+    nodes = Table(title="nodes")
+    for column in ("node", "alive", "total", "reserved", "free", "actors", "running"):
+        nodes.add_column(column)
+    for node in answer["nodes"]:
+        nodes.add_row(
+            node["node_id"][:12],
+            str(node["alive"]),
+            _fmt(node["total"]),
+            _fmt(node["reserved"]),
+            _fmt(node["free"]),
+            str(node["actors"]),
+            str(node["running"]),
+        )
+    queues = Table(title="queues")
+    queues.add_column("queue")
+    queues.add_column("depth", justify="right")
+    for name, depth in answer["queues"].items():
+        queues.add_row(name, str(depth))
+    console.print(pools, nodes, queues)
+    console.print("limits: " + ", ".join(f"{k}={v}" for k, v in answer["limits"].items()))

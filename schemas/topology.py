@@ -1,0 +1,30 @@
+"""Names of the exchanges and queues that make up the wire topology (PROTOCOL version 1)."""
+
+from typing import Final
+
+PROTOCOL_VERSION: Final = 1
+CONTENT_TYPE: Final = "application/msgpack"
+
+TASKS_EXCHANGE: Final = "swarm.tasks"
+DEAD_EXCHANGE: Final = "swarm.dead"
+DEAD_QUEUE: Final = "swarm.dead"
+RESULTS_EXCHANGE: Final = "swarm.results"
+CONTROL_QUEUE: Final = "swarm.control"
+
+TASK_TYPES: Final = ("training", "inference", "data_processing")
+
+STATUS_HEADER: Final = "x-swarm-status"
+ERROR_CODE_HEADER: Final = "x-swarm-error-code"
+ERROR_MESSAGE_HEADER: Final = "x-swarm-error-message"
+SOURCE_QUEUE_HEADER: Final = "x-swarm-source-queue"
+ATTEMPTS_HEADER: Final = "x-swarm-attempts"
+# Swarm's addition to the dead-letter headers: set when the reply could not reach `reply_to`.
+UNDELIVERED_REPLY_HEADER: Final = "x-swarm-reply-undeliverable"
+# The original `user_id` property moves here: RabbitMQ refuses a publish whose user_id is not
+# the publishing connection's own user, so the property itself cannot be kept.
+ORIGINAL_USER_HEADER: Final = "x-swarm-original-user-id"
+
+
+def task_queue(task_type: str) -> str:
+    """The durable queue of one task type, e.g. `swarm.tasks.inference`."""
+    return f"{TASKS_EXCHANGE}.{task_type}"

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set-up on a fresh machine: a virtualenv with Swarm and its test tools, and a running RabbitMQ.
+# Idempotent; sourced by run.sh and test.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.swarm-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e '.[test,fast]'
+  touch "$stamp"
+fi
+
+amqp_up() {
+  .venv/bin/python - <<'PY'
+import asyncio, os, sys
+import aio_pika
+async def probe():
+    url = os.environ.get("AMQP_URL", "amqp://guest:guest@localhost:5672/")
+    connection = await asyncio.wait_for(aio_pika.connect(url), 5)
+    await connection.close()
+try:
+    asyncio.run(probe())
+except Exception:
+    sys.exit(1)
+PY
+}
+
+if ! amqp_up; then
+  if [ -z "${AMQP_URL:-}" ] && command -v rabbitmq-server >/dev/null; then
+    echo "starting RabbitMQ (rabbitmq-server -detached)" >&2
+    rabbitmq-server -detached
+    for _ in $(seq 1 60); do amqp_up && break; sleep 1; done
+  fi
+  amqp_up || { echo "RabbitMQ is not reachable: start it, or set AMQP_URL" >&2; exit 1; }
+fi

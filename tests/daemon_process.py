@@ -1,0 +1,62 @@
+"""The daemon as a separate process (`swarm run`), for tests that kill or signal it."""
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+SWARM = str(Path(sys.executable).with_name("swarm"))
+
+
+class DaemonProcess:
+    def __init__(self, amqp_url: str, ray_address: str, **settings: Any) -> None:
+        self.env = {
+            **os.environ,
+            "AMQP_URL": amqp_url,
+            "RAY_ADDRESS": ray_address,
+            "SWARM_LOG_FORMAT": "json",
+            "SWARM_CPU_POOL_SIZE": "1",
+        }
+        self.env.update({f"SWARM_{key.upper()}": str(value) for key, value in settings.items()})
+        self.process: asyncio.subprocess.Process | None = None
+        self.log: list[dict[str, Any]] = []
+
+    async def start(self, timeout_s: float = 120.0) -> "DaemonProcess":
+        self.process = await asyncio.create_subprocess_exec(
+            SWARM,
+            "run",
+            env=self.env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await asyncio.wait_for(self._until("daemon ready"), timeout_s)
+        self._reader = asyncio.create_task(self._until(None))
+        return self
+
+    async def _until(self, event: str | None) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # Ray's own plain-text lines
+            self.log.append(entry)
+            if event is not None and entry.get("event") == event:
+                return
+        if event is not None:
+            raise RuntimeError(f"daemon exited before {event!r}: {self.log[-5:]}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+
+    async def wait(self, timeout_s: float = 60.0) -> int:
+        assert self.process is not None
+        return await asyncio.wait_for(self.process.wait(), timeout_s)

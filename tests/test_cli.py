@@ -1,0 +1,73 @@
+"""The `swarm` command as a user runs it."""
+
+import asyncio
+import json
+import os
+import subprocess
+
+from daemon_process import SWARM
+
+from broker.daemon import Daemon
+
+
+async def _swarm(
+    *args: str, amqp_url: str, timeout_s: float = 120, **env_extra: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI without blocking the loop that the in-process daemon lives on."""
+    env = {**os.environ, "AMQP_URL": amqp_url, **env_extra}
+    process = await asyncio.create_subprocess_exec(
+        SWARM, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout_s)
+    assert process.returncode is not None
+    return subprocess.CompletedProcess(args, process.returncode, out.decode(), err.decode())
+
+
+async def test_submit_prints_an_ok_reply(daemon: Daemon, amqp_url: str) -> None:
+    done = await _swarm("submit", "inference", "echo", "--args", '{"x": 1}', amqp_url=amqp_url)
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply["status"] == "ok"
+    assert reply["result"] == {"x": 1}
+
+
+async def test_submit_error_reply_exits_2(daemon: Daemon, amqp_url: str) -> None:
+    done = await _swarm(
+        "submit", "inference", "fail", "--args", '{"message": "no"}', amqp_url=amqp_url
+    )
+    assert done.returncode == 2
+    assert json.loads(done.stdout)["error"]["code"] == "handler_error"
+
+
+async def test_status_table(daemon: Daemon, amqp_url: str) -> None:
+    done = await _swarm("status", amqp_url=amqp_url)
+    assert done.returncode == 0, done.stderr
+    assert "swarm.tasks.inference" in done.stdout
+    assert "cpu" in done.stdout
+
+
+async def test_schema_prints_json_schema() -> None:
+    done = await _swarm("schema", amqp_url="")
+    schema = json.loads(done.stdout)
+    assert schema["task"]["additionalProperties"] is False
+    assert "handler" in schema["task"]["required"]
+
+
+async def test_unreachable_rabbitmq_is_one_clear_line() -> None:
+    url = "amqp://guest:secret@127.0.0.1:1/"
+    for command in (["submit", "inference", "echo"], ["status"], ["run"]):
+        done = await _swarm(*command, amqp_url=url)
+        assert done.returncode == 1
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("swarm: cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/")
+        assert "rabbitmq-server" in last
+        assert "Traceback" not in done.stderr
+        assert "secret" not in done.stderr
+
+
+async def test_unreachable_ray_is_one_clear_line(amqp_url: str) -> None:
+    done = await _swarm("run", amqp_url=amqp_url, RAY_ADDRESS="127.0.0.1:1")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("swarm: cannot reach the Ray cluster at 127.0.0.1:1")

@@ -1,0 +1,130 @@
+"""The contract end to end on real RabbitMQ and Ray, driven by a raw aio-pika producer."""
+
+import msgpack
+import pytest
+from conftest import DaemonFactory
+from raw import RawProducer, task
+
+from broker.daemon import Daemon
+
+
+@pytest.mark.parametrize("task_type", ["training", "inference", "data_processing"])
+async def test_each_task_type_round_trips(
+    daemon: Daemon, producer: RawProducer, task_type: str
+) -> None:
+    inbox = await producer.inbox()
+    results = await producer.watch_results()
+    body = task(task_type, "echo", {"x": 1, "blob": b"\x00\x01", "list": [1.5, None, True]})
+    correlation_id = await producer.publish(task_type, body, reply_to=inbox.name)
+
+    reply = await inbox.one()
+    payload = reply.payload
+    assert payload["status"] == "ok"
+    assert payload["id"] == body["id"]
+    assert payload["result"] == body["args"]
+    assert payload["error"] is None
+    assert payload["attempts"] == 1
+    assert payload["pool"] == "cpu"
+    assert payload["node"] in {node.node_id for node in daemon.scheduler.ledger.alive_nodes()}
+    assert set(payload["timing"]) == {"queued_ms", "run_ms"}
+    assert payload["v"] == 1
+    assert reply.message.correlation_id == correlation_id
+    assert reply.message.content_type == "application/msgpack"
+    assert reply.headers["x-swarm-status"] == "ok"
+
+    copy = await results.one()
+    assert copy.message.routing_key == f"{task_type}.ok"
+    assert copy.body == reply.body
+
+
+async def test_reply_keys_are_exactly_the_contract(daemon: Daemon, producer: RawProducer) -> None:
+    inbox = await producer.inbox()
+    await producer.publish("inference", task(args=[1, 2]), reply_to=inbox.name)
+    payload = (await inbox.one()).payload
+    assert set(payload) == {
+        "v",
+        "id",
+        "status",
+        "result",
+        "error",
+        "attempts",
+        "pool",
+        "node",
+        "timing",
+    }
+
+
+async def test_default_exchange_reaches_the_same_queue(
+    daemon: Daemon, producer: RawProducer
+) -> None:
+    inbox = await producer.inbox()
+    await producer.publish(
+        "training", task("training", args="hi"), reply_to=inbox.name, via_queue=True
+    )
+    assert (await inbox.one()).payload["result"] == "hi"
+
+
+async def test_without_reply_to_the_reply_goes_to_results_only(
+    daemon: Daemon, producer: RawProducer
+) -> None:
+    results = await producer.watch_results("data_processing.*")
+    body = task("data_processing", args={"n": 3})
+    await producer.publish("data_processing", body)
+    copy = await results.one()
+    assert copy.payload["id"] == body["id"]
+    assert copy.payload["result"] == {"n": 3}
+
+
+async def test_correlation_id_defaults_to_task_id(daemon: Daemon, producer: RawProducer) -> None:
+    inbox = await producer.inbox()
+    body = task()
+    await producer.publish("inference", body, reply_to=inbox.name, correlation_id=None)
+    reply = await inbox.one()
+    assert reply.message.correlation_id == body["id"]
+
+
+async def test_sleep_returns_its_args_after_waiting(daemon: Daemon, producer: RawProducer) -> None:
+    inbox = await producer.inbox()
+    await producer.publish(
+        "training", task("training", "sleep", {"seconds": 0.2}), reply_to=inbox.name
+    )
+    payload = (await inbox.one()).payload
+    assert payload["status"] == "ok"
+    assert payload["result"] == {"seconds": 0.2}
+    assert payload["timing"]["run_ms"] >= 200
+
+
+async def test_handler_error_is_final_not_retried(daemon: Daemon, producer: RawProducer) -> None:
+    inbox = await producer.inbox()
+    dead = await producer.watch_dead()
+    body = task("inference", "fail", {"message": "boom"}, max_retries=5)
+    await producer.publish("inference", body, reply_to=inbox.name)
+    payload = (await inbox.one()).payload
+    assert payload["status"] == "error"
+    assert payload["error"] == {
+        "code": "handler_error",
+        "message": "HandlerFailure: boom",
+        "retryable": False,
+    }
+    assert payload["attempts"] == 1
+    letter = await dead.one()
+    assert letter.headers["x-swarm-error-code"] == "handler_error"
+    assert letter.headers["x-swarm-attempts"] == 1
+    assert msgpack.unpackb(letter.body) == body
+
+
+async def test_tasks_run_concurrently_on_one_actor(
+    start_daemon: DaemonFactory, producer: RawProducer
+) -> None:
+    """Twenty zero-cpu tasks meet at a barrier inside one actor: only possible if they run at
+    the same time."""
+    await start_daemon(handler_modules=["workers.diagnostics"], cpu_pool_size=1)
+    inbox = await producer.inbox()
+    for _ in range(20):
+        await producer.publish(
+            "inference",
+            task("inference", "barrier", {"name": "b", "parties": 20}, resources={"cpus": 0}),
+            reply_to=inbox.name,
+        )
+    replies = await inbox.wait_for(20)
+    assert [r.payload["status"] for r in replies] == ["ok"] * 20

@@ -1,0 +1,1 @@
+"""Ray actor pools, the handler registry and the built-in handlers. Imports only `schemas`."""

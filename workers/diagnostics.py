@@ -1,0 +1,37 @@
+"""Opt-in diagnostic handlers for smoke tests and fault drills; load them with
+SWARM_HANDLER_MODULES=workers.diagnostics. Never loaded by default: `crash` ends its actor."""
+
+import asyncio
+import os
+from typing import Any
+
+from workers.registry import handler
+
+_arrivals: dict[str, int] = {}
+_arrived = asyncio.Condition()
+
+
+@handler("barrier")
+async def barrier(args: Any) -> Any:
+    """Wait until `args.parties` runs of the same `args.name` are inside this actor at once;
+    fail after `args.timeout_s`. Proves concurrency by an event, not by timing."""
+    name, parties = str(args["name"]), int(args["parties"])
+    async with _arrived:
+        _arrivals[name] = _arrivals.get(name, 0) + 1
+        _arrived.notify_all()
+        await asyncio.wait_for(
+            _arrived.wait_for(lambda: _arrivals[name] >= parties), float(args.get("timeout_s", 30))
+        )
+    return {"name": name, "parties": parties}
+
+
+@handler("crash")
+def crash(args: Any) -> Any:
+    """End the actor's process at once, as a segfault or OOM kill would."""
+    os._exit(1)
+
+
+@handler("pid", blocking=False)
+def pid(args: Any) -> Any:
+    """The actor's process id and the devices Ray gave it."""
+    return {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}

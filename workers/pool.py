@@ -1,0 +1,124 @@
+"""A typed pool of Ray worker actors, called asynchronously (no blocking `ray.get`)."""
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.actor import WorkerActor
+from workers.errors import PoolStartError, WorkerLost
+from workers.outcome import RunOutcome
+from workers.resources import ResourceVector
+
+_BYTES_PER_MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """How a pool's actors are shaped. `shape` is what each actor reserves from Ray."""
+
+    name: str
+    size: int
+    shape: ResourceVector
+    max_concurrency: int = 64
+    custom_resources: dict[str, float] = field(default_factory=dict)
+    start_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class ActorInfo:
+    key: str
+    pool: str
+    node_id: str
+    shape: ResourceVector
+    max_concurrency: int
+
+
+class RayActorPool:
+    """Owns its actors. Actors are never restarted by Ray (`max_restarts=0`): a lost actor is
+    replaced by a fresh one, so a retry lands on a healthy actor, not on the one that died."""
+
+    def __init__(self, spec: PoolSpec, handler_modules: list[str]) -> None:
+        self.spec = spec
+        self._handler_modules = list(handler_modules)
+        self._handles: dict[str, Any] = {}
+        self._infos: dict[str, ActorInfo] = {}
+        self._serial = itertools.count()
+
+    @property
+    def actors(self) -> list[ActorInfo]:
+        return list(self._infos.values())
+
+    async def start(self) -> list[ActorInfo]:
+        return list(await asyncio.gather(*(self.add_actor() for _ in range(self.spec.size))))
+
+    async def add_actor(self) -> ActorInfo:
+        import ray
+
+        key = f"{self.spec.name}-{next(self._serial)}"
+        shape = self.spec.shape
+        options: dict[str, Any] = {
+            "num_cpus": shape.cpus,
+            "num_gpus": shape.gpus,
+            "max_concurrency": self.spec.max_concurrency,
+            "max_restarts": 0,
+        }
+        if shape.memory_mb:
+            options["memory"] = shape.memory_mb * _BYTES_PER_MB
+        if self.spec.custom_resources:
+            options["resources"] = dict(self.spec.custom_resources)
+        actor_class: Any = ray.remote(WorkerActor)  # Ray's stubs do not model actor handles
+        handle: Any = actor_class.options(**options).remote(self.spec.name, self._handler_modules)
+        try:
+            described = await asyncio.wait_for(handle.describe.remote(), self.spec.start_timeout_s)
+        except asyncio.TimeoutError as exc:
+            ray.kill(handle)
+            raise PoolStartError(
+                f"pool {self.spec.name!r}: an actor reserving {shape.as_dict()} did not start "
+                f"within {self.spec.start_timeout_s:g} s; no node has that much free. "
+                "Lower the pool's size or shape, or add nodes."
+            ) from exc
+        except Exception as exc:
+            raise PoolStartError(f"pool {self.spec.name!r}: actor failed to start: {exc}") from exc
+        info = ActorInfo(
+            key=key,
+            pool=self.spec.name,
+            node_id=described["node_id"],
+            shape=shape,
+            max_concurrency=self.spec.max_concurrency,
+        )
+        self._handles[key] = handle
+        self._infos[key] = info
+        return info
+
+    async def run(
+        self, key: str, handler: str, task_type: str, args: Any, timeout_s: float | None
+    ) -> RunOutcome:
+        """Run one task on the actor `key`. Raises WorkerLost if the actor dies under it."""
+        import ray.exceptions
+
+        handle = self._handles.get(key)
+        if handle is None:
+            raise WorkerLost(key, "the actor was already removed from its pool")
+        try:
+            outcome: RunOutcome = await handle.run.remote(handler, task_type, args, timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            raise WorkerLost(key, type(exc).__name__) from exc
+        except ray.exceptions.RayTaskError as exc:
+            # Only BaseExceptions (SystemExit, KeyboardInterrupt) escape WorkerActor.run.
+            return RunOutcome(ok=False, error_code="handler_error", error_message=str(exc.cause))
+        return outcome
+
+    def remove(self, key: str) -> ActorInfo | None:
+        """Forget an actor (after it was lost) and make sure its process is gone."""
+        import ray
+
+        handle = self._handles.pop(key, None)
+        info = self._infos.pop(key, None)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+        return info
+
+    def stop(self) -> None:
+        for key in list(self._handles):
+            self.remove(key)

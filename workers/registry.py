@@ -1,0 +1,111 @@
+"""The handler registry: only functions registered here ever run.
+
+A handler is marked with `@handler(...)` in an ordinary module; `load_handlers()` imports the
+modules named in configuration and collects the marked functions. Nothing named in a message is
+ever imported: a message can only pick among what was loaded at start.
+"""
+
+import importlib
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from schemas.topology import TASK_TYPES
+from workers.errors import HandlerConfigError
+
+_MARK = "__swarm_handler__"
+BUILTIN_MODULE = "workers.builtin"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    name: str
+    func: Callable[[Any], Any]
+    task_types: frozenset[str]
+    is_async: bool
+    # False for sync handlers so quick they are cheaper inline than on a thread (echo).
+    blocking: bool = True
+
+
+def handler(
+    name: str | None = None, *, types: Iterable[str] = TASK_TYPES, blocking: bool = True
+) -> Callable[[F], F]:
+    """Mark a function as a Swarm handler for the given task types (all three by default).
+
+    A sync handler runs on a thread unless `blocking=False` says it returns at once.
+    """
+    task_types = frozenset(types)
+    unknown = task_types - set(TASK_TYPES)
+    if unknown or not task_types:
+        raise HandlerConfigError(
+            f"handler task types must be a non-empty subset of {TASK_TYPES}, got {sorted(types)}"
+        )
+
+    def mark(func: F) -> F:
+        spec = HandlerSpec(
+            name=name or func.__name__,
+            func=func,
+            task_types=task_types,
+            is_async=inspect.iscoroutinefunction(func),
+            blocking=blocking,
+        )
+        setattr(func, _MARK, spec)
+        return func
+
+    return mark
+
+
+class HandlerRegistry:
+    """Handlers by name. Lookups are by exact name; there is no fallback."""
+
+    def __init__(self, specs: Iterable[HandlerSpec] = ()) -> None:
+        self._specs: dict[str, HandlerSpec] = {}
+        for spec in specs:
+            self.add(spec)
+
+    def add(self, spec: HandlerSpec) -> None:
+        existing = self._specs.get(spec.name)
+        if existing is not None and existing.func is not spec.func:
+            raise HandlerConfigError(
+                f"handler {spec.name!r} is registered twice "
+                f"({_where(existing.func)} and {_where(spec.func)}); rename one"
+            )
+        self._specs[spec.name] = spec
+
+    def get(self, name: str) -> HandlerSpec | None:
+        return self._specs.get(name)
+
+    def serves(self, name: str, task_type: str) -> bool:
+        spec = self._specs.get(name)
+        return spec is not None and task_type in spec.task_types
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+def load_handlers(modules: Iterable[str]) -> HandlerRegistry:
+    """Import the built-ins and each named module; collect every marked function."""
+    registry = HandlerRegistry()
+    for module_name in [BUILTIN_MODULE, *modules]:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise HandlerConfigError(
+                f"cannot import handler module {module_name!r}: {exc}; "
+                "check SWARM_HANDLER_MODULES and that the module is installed on every Ray node"
+            ) from exc
+        for value in vars(module).values():
+            spec = getattr(value, _MARK, None)
+            if isinstance(spec, HandlerSpec):
+                registry.add(spec)
+    return registry
+
+
+def _where(func: Callable[..., Any]) -> str:
+    return f"{func.__module__}.{func.__qualname__}"
