@@ -27,6 +27,9 @@ class PoolSet:
     def names(self) -> set[str]:
         return set(self._pools)
 
+    def actors(self, name: str) -> list[ActorInfo]:
+        return self._pools[name].actors
+
     def spec(self, name: str) -> PoolSpec:
         return self._pools[name].spec
 

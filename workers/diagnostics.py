@@ -35,3 +35,16 @@ def crash(args: Any) -> Any:
 def pid(args: Any) -> Any:
     """The actor's process id and the devices Ray gave it."""
     return {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+@handler("crash_once")
+def crash_once(args: Any) -> Any:
+    """End the actor the first time (creating `args.marker`); succeed on the retry. Shows a
+    retry landing on a fresh actor."""
+    marker = str(args["marker"])
+    try:
+        with open(marker, "x"):
+            pass
+    except FileExistsError:
+        return {"retried": True, "pid": os.getpid()}
+    os._exit(1)
