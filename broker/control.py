@@ -57,7 +57,8 @@ class ControlProcessor:
             view.update(
                 {
                     "shape": spec.shape.as_dict(),
-                    "size": spec.size,
+                    "min_actors": spec.min_size,
+                    "max_actors": spec.max_size,
                     "waiting": self._scheduler.waiting(name),
                 }
             )

@@ -28,7 +28,9 @@ class Daemon:
         self.settings = settings
         self.registry = load_handlers(settings.handler_modules)
         self.scheduler = Scheduler(Ledger())
-        self.pools = PoolSet(settings.pool_specs(), settings.handler_modules, self.scheduler)
+        self.pools = PoolSet(
+            settings.pool_specs(), settings.handler_modules, self.scheduler, settings.pool_idle_s
+        )
         self._connection: AbstractRobustConnection | None = None
         self._ingress: Ingress | None = None
         self._stopped = asyncio.Event()
@@ -48,7 +50,14 @@ class Daemon:
         await self.pools.start()
         tasks = TaskProcessor(self.settings, self.registry, self.scheduler, self.pools)
         control = ControlProcessor(self.settings, self.scheduler, self.pools, self._queue_depths)
-        self._ingress = Ingress(connection, self.settings.prefetch, tasks.process, control.process)
+        self._ingress = Ingress(
+            connection,
+            self.settings.prefetch,
+            tasks.process,
+            control.process,
+            self.settings.max_waiting_per_queue,
+        )
+        self.scheduler.on_tag_waiting = self._ingress.on_waiting
         await self._ingress.start()
         self._refresher = asyncio.create_task(self._refresh_nodes())
         log.info("daemon ready", pools=sorted(self.pools.names), handlers=self.registry.names())

@@ -4,6 +4,7 @@ the outcome, and only then acknowledge. The one place that decides ack and reque
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import structlog
 from aio_pika.abc import (
@@ -51,6 +52,17 @@ def to_delivery(message: AbstractIncomingMessage, queue: str, task_type: str | N
     )
 
 
+@dataclass
+class _Consumer:
+    """One consumed queue. `paused` is the wanted state; `tag` is the live consumer, if any."""
+
+    queue: AbstractQueue
+    callback: Callable[[AbstractIncomingMessage], Awaitable[None]]
+    tag: str | None = None
+    paused: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class Ingress:
     def __init__(
         self,
@@ -58,13 +70,16 @@ class Ingress:
         prefetch: int,
         process_task: Processor,
         process_control: Processor,
+        max_waiting_per_queue: int = 64,
     ) -> None:
         self._connection = connection
         self._prefetch = prefetch
         self._process_task = process_task
         self._process_control = process_control
+        self._max_waiting = max_waiting_per_queue
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._consumers: dict[str, _Consumer] = {}
+        self._stopping = False
         self._consume_channel: AbstractChannel | None = None
         self._topology: Topology | None = None
         self._publisher: Publisher | None = None
@@ -96,8 +111,48 @@ class Ingress:
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
-        tag = await queue.consume(on_message)
-        self._consumers.append((queue, tag))
+        consumer = _Consumer(queue, on_message)
+        self._consumers[queue.name] = consumer
+        await self._apply(consumer)
+
+    def on_waiting(self, queue_name: str, waiting: int) -> None:
+        """Backpressure from the scheduler: stop consuming a queue whose tasks pile up waiting
+        for room, so the backlog stays in RabbitMQ; resume when half of them were placed."""
+        consumer = self._consumers.get(queue_name)
+        if consumer is None:
+            return
+        if not consumer.paused and waiting >= self._max_waiting:
+            consumer.paused = True
+        elif consumer.paused and waiting <= self._max_waiting // 2:
+            consumer.paused = False
+        else:
+            return
+        log.info(
+            "consumer paused" if consumer.paused else "consumer resumed",
+            queue=queue_name,
+            waiting=waiting,
+        )
+        task = asyncio.create_task(self._apply(consumer))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    def is_paused(self, queue_name: str) -> bool:
+        return self._consumers[queue_name].tag is None
+
+    async def _apply(self, consumer: _Consumer) -> None:
+        """Bring the consumer to its wanted state; serialised so the last wish wins."""
+        async with consumer.lock:
+            want_consuming = not consumer.paused and not self._stopping
+            if want_consuming and consumer.tag is None:
+                consumer.tag = await consumer.queue.consume(consumer.callback)
+            elif not want_consuming and consumer.tag is not None:
+                tag, consumer.tag = consumer.tag, None
+                try:
+                    await consumer.queue.cancel(tag)
+                except Exception as exc:
+                    log.warning(
+                        "could not cancel a consumer", queue=consumer.queue.name, error=str(exc)
+                    )
 
     async def _handle(
         self, delivery: Delivery, message: AbstractIncomingMessage, process: Processor
@@ -144,12 +199,9 @@ class Ingress:
 
     async def stop_consuming(self) -> None:
         """Stop taking new deliveries; those in flight go on."""
-        for queue, tag in self._consumers:
-            try:
-                await queue.cancel(tag)
-            except Exception as exc:
-                log.warning("could not cancel a consumer", queue=queue.name, error=str(exc))
-        self._consumers.clear()
+        self._stopping = True
+        for consumer in self._consumers.values():
+            await self._apply(consumer)
 
     async def drain(self, timeout_s: float) -> int:
         """Wait for in-flight deliveries up to `timeout_s`; requeue the rest. Returns requeued."""

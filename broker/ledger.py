@@ -6,6 +6,7 @@ on an actor only while the tasks on that actor together fit the actor's reservat
 actor's reservation was granted by Ray on one node.
 """
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ class ActorLoad:
     info: ActorInfo
     used: ResourceVector = ZERO
     running: int = 0
+    idle_since_s: float = field(default_factory=time.monotonic)
 
     def has_room_for(self, request: ResourceVector) -> bool:
         return self.running < self.info.max_concurrency and (self.used + request).fits_in(
@@ -69,9 +71,6 @@ class Ledger:
     def remove_actor(self, key: str) -> None:
         self.actors.pop(key, None)
 
-    def pool_shapes(self, pool: str) -> list[ResourceVector]:
-        return [load.info.shape for load in self.actors.values() if load.info.pool == pool]
-
     # -- tasks -------------------------------------------------------------------------------
     def place(self, pool: str, request: ResourceVector) -> ActorInfo | None:
         """Reserve room for one task on the least-loaded actor of `pool` that has it."""
@@ -87,6 +86,33 @@ class Ledger:
         best.running += 1
         return best.info
 
+    def idle_actors(self, pool: str, idle_s: float, now_s: float | None = None) -> list[str]:
+        """Keys of `pool`'s actors that have run nothing for at least `idle_s`."""
+        now_s = time.monotonic() if now_s is None else now_s
+        return [
+            key
+            for key, load in self.actors.items()
+            if load.info.pool == pool and load.running == 0 and now_s - load.idle_since_s >= idle_s
+        ]
+
+    def room_for_actor(self, shape: ResourceVector, custom: dict[str, float]) -> bool:
+        """Whether some alive node has, beyond what our actors reserve, room for one more
+        actor of `shape` that needs the custom resources `custom`."""
+        for node in self.alive_nodes():
+            if any(node.custom.get(name, 0.0) < amount for name, amount in custom.items()):
+                continue
+            if shape.fits_in(node.total - self.reserved_on(node.node_id)):
+                return True
+        return False
+
+    def could_host(self, shape: ResourceVector, custom: dict[str, float]) -> bool:
+        """Whether some alive node could hold one actor of `shape`, counting nothing used."""
+        return any(
+            shape.fits_in(node.total)
+            and all(node.custom.get(name, 0.0) >= amount for name, amount in custom.items())
+            for node in self.alive_nodes()
+        )
+
     def finish(self, key: str, request: ResourceVector) -> None:
         """Give back a task's share. A no-op for an actor already removed (it took its share)."""
         load = self.actors.get(key)
@@ -94,6 +120,8 @@ class Ledger:
             return
         load.used = load.used - request
         load.running -= 1
+        if load.running == 0:
+            load.idle_since_s = time.monotonic()
 
     # -- reporting ---------------------------------------------------------------------------
     def reserved_on(self, node_id: str) -> ResourceVector:

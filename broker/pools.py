@@ -1,6 +1,13 @@
-"""The daemon's pools and their link to the ledger: start, run, replace lost actors, track nodes."""
+"""The daemon's pools and their link to the ledger: start, size, run, replace lost actors.
+
+A pool starts when some node of the cluster can hold one of its actors (the GPU pool needs a
+node with GPUs; the memory pool a node marked with the memory-node resource), with its minimum
+of actors. It grows by one actor at a time while tasks wait for it and the ledger shows a node
+with room, up to its maximum, and retires actors idle for `pool_idle_s` down to its minimum.
+"""
 
 import asyncio
+import contextlib
 
 import structlog
 
@@ -13,19 +20,36 @@ from workers.pool import ActorInfo, PoolSpec, RayActorPool
 
 log = structlog.get_logger("swarm.pools")
 
+SIZING_PERIOD_S = 1.0
+
 
 class PoolSet:
     def __init__(
-        self, specs: list[PoolSpec], handler_modules: list[str], scheduler: Scheduler
+        self,
+        specs: list[PoolSpec],
+        handler_modules: list[str],
+        scheduler: Scheduler,
+        idle_s: float = 60.0,
     ) -> None:
-        self._pools = {spec.name: RayActorPool(spec, handler_modules) for spec in specs}
+        self._specs = {spec.name: spec for spec in specs}
+        self._handler_modules = list(handler_modules)
+        self._pools: dict[str, RayActorPool] = {}
         self._scheduler = scheduler
         self._ledger: Ledger = scheduler.ledger
-        self._replacing: set[asyncio.Task[None]] = set()
+        self._idle_s = idle_s
+        self._growing: dict[str, int] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._sizing_needed = asyncio.Event()
+        self._sizer: asyncio.Task[None] | None = None
+        scheduler.on_pool_waiting = lambda pool: self._sizing_needed.set()
 
     @property
     def names(self) -> set[str]:
         return set(self._pools)
+
+    @property
+    def running(self) -> dict[str, PoolSpec]:
+        return {name: pool.spec for name, pool in self._pools.items()}
 
     def actors(self, name: str) -> list[ActorInfo]:
         return self._pools[name].actors
@@ -35,10 +59,32 @@ class PoolSet:
 
     async def start(self) -> None:
         await self.refresh_nodes()
-        for pool in self._pools.values():
+        for spec in self._specs.values():
+            if not self._ledger.could_host(spec.shape, spec.custom_resources):
+                log.info(
+                    "pool not started: no node can hold its actors",
+                    pool=spec.name,
+                    shape=spec.shape.as_dict(),
+                    needs=spec.custom_resources,
+                )
+                continue
+            pool = RayActorPool(spec, self._handler_modules)
+            self._pools[spec.name] = pool
             for info in await pool.start():
                 self._ledger.add_actor(info)
-            log.info("pool started", pool=pool.spec.name, actors=pool.spec.size)
+            log.info(
+                "pool started",
+                pool=spec.name,
+                actors=spec.min_size,
+                max_actors=spec.max_size,
+                shape=spec.shape.as_dict(),
+            )
+        if "cpu" not in self._pools:
+            raise WorkerError(
+                "no node of the cluster can hold a CPU actor; lower "
+                "SWARM_CPU_ACTOR_CPUS or add nodes"
+            )
+        self._sizer = asyncio.create_task(self._size_pools())
 
     async def refresh_nodes(self) -> None:
         """Read the cluster's nodes into the ledger; replace actors on nodes that are gone."""
@@ -47,6 +93,8 @@ class PoolSet:
         for load in list(self._ledger.actors.values()):
             if load.info.node_id in gone:
                 self.actor_lost(load.info)
+        for name in self._pools:
+            self._scheduler.wake(name)  # a node that joined may be where waiters fit
 
     async def run(
         self, actor: ActorInfo, handler: str, task_type: str, args: object, timeout_s: float | None
@@ -54,27 +102,68 @@ class PoolSet:
         return await self._pools[actor.pool].run(actor.key, handler, task_type, args, timeout_s)
 
     def actor_lost(self, actor: ActorInfo) -> None:
-        """Drop a dead actor from its pool and the ledger, and start a replacement."""
+        """Drop a dead actor from its pool and the ledger; the sizing loop replaces it."""
         pool = self._pools[actor.pool]
         if pool.remove(actor.key) is None:
             return  # another task on the same actor already reported it
         self._ledger.remove_actor(actor.key)
-        log.warning("actor lost; replacing it", actor=actor.key, node=actor.node_id)
-        task = asyncio.create_task(self._replace(pool))
-        self._replacing.add(task)
-        task.add_done_callback(self._replacing.discard)
+        log.warning("actor lost", actor=actor.key, node=actor.node_id)
+        self._sizing_needed.set()
 
-    async def _replace(self, pool: RayActorPool) -> None:
-        try:
-            info = await pool.add_actor()
-        except WorkerError as exc:
-            log.error("could not replace a lost actor", pool=pool.spec.name, error=str(exc))
+    # -- sizing ------------------------------------------------------------------------------
+    async def _size_pools(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._sizing_needed.wait(), SIZING_PERIOD_S)
+            self._sizing_needed.clear()
+            for name, pool in self._pools.items():
+                self._size(name, pool)
+
+    def _size(self, name: str, pool: RayActorPool) -> None:
+        spec = pool.spec
+        if self._growing.get(name, 0):
+            return  # one actor at a time: the next decision sees the ledger with it
+        count = len(pool.actors)
+        wanted = count < spec.min_size or (
+            self._scheduler.waiting(name) > 0 and count < spec.max_size
+        )
+        if wanted and self._ledger.room_for_actor(spec.shape, spec.custom_resources):
+            self._grow(name, pool)
             return
-        self._ledger.add_actor(info)
-        self._scheduler.wake(pool.spec.name)
+        if count > spec.min_size and self._scheduler.waiting(name) == 0:
+            for key in self._ledger.idle_actors(name, self._idle_s)[: count - spec.min_size]:
+                self._ledger.remove_actor(key)
+                pool.remove(key)
+                log.info("idle actor retired", pool=name, actor=key)
+
+    def _grow(self, name: str, pool: RayActorPool) -> None:
+        self._growing[name] = self._growing.get(name, 0) + 1
+
+        async def grow() -> None:
+            try:
+                info = await pool.add_actor()
+            except WorkerError as exc:
+                log.error("could not add an actor", pool=name, error=str(exc))
+                return
+            finally:
+                self._growing[name] -= 1
+            self._ledger.add_actor(info)
+            if info.node_id not in self._ledger.nodes:
+                await self.refresh_nodes()  # Ray placed it on a node that joined since
+            log.info(
+                "pool grew", pool=name, actor=info.key, node=info.node_id, actors=len(pool.actors)
+            )
+            self._scheduler.wake(name)
+            self._sizing_needed.set()
+
+        task = asyncio.create_task(grow())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def stop(self) -> None:
-        for task in self._replacing:
+        if self._sizer is not None:
+            self._sizer.cancel()
+        for task in self._background:
             task.cancel()
         for pool in self._pools.values():
             for info in pool.actors:

@@ -12,12 +12,13 @@ from broker.delivery import Delivery
 from broker.errors import Rejection
 from broker.intake import admit, is_expired
 from broker.outcome import Outcome
+from broker.placement import PlacementRules
 from broker.pools import PoolSet
 from broker.replies import encode_reply, error_reply
 from broker.scheduler import Scheduler
 from broker.settings import Settings
 from schemas.reply import Reply, Timing
-from schemas.task import Resources, TaskMessage
+from schemas.task import TaskMessage
 from workers.errors import WorkerLost
 from workers.registry import HandlerRegistry
 from workers.resources import ResourceVector
@@ -38,9 +39,7 @@ class TaskProcessor:
         self._registry = registry
         self._scheduler = scheduler
         self._pools = pools
-        self._defaults = {
-            t: settings.task_defaults(t) for t in ("training", "inference", "data_processing")
-        }
+        self._rules = PlacementRules(settings)
 
     async def process(self, delivery: Delivery) -> Outcome:
         routing_type = delivery.task_type or "unknown"
@@ -59,25 +58,12 @@ class TaskProcessor:
         try:
             if is_expired(task):
                 return self._expired(task, attempts=0, queued_ms=_ms_since(delivery))
-            request = self._resolve(task)
-            pool = self._scheduler.choose_pool(task.pool, request, self._pools.names)
-            if isinstance(pool, Rejection):
-                return self._answer(pool, task.type, task.id)
-            unfit = self._scheduler.check_fits(pool, request)
-            if unfit is not None:
-                return self._answer(unfit, task.type, task.id)
-            return await self._run(delivery, task, pool, request)
+            placement = self._rules.place(task, self._pools.running, self._scheduler.ledger)
+            if isinstance(placement, Rejection):
+                return self._answer(placement, task.type, task.id)
+            return await self._run(delivery, task, placement.pool, placement.request)
         finally:
             structlog.contextvars.unbind_contextvars("task_id")
-
-    def _resolve(self, task: TaskMessage) -> ResourceVector:
-        given = task.resources or Resources()
-        default = self._defaults[task.type]
-        return ResourceVector(
-            cpus=default.cpus if given.cpus is None else given.cpus,
-            gpus=default.gpus if given.gpus is None else given.gpus,
-            memory_mb=default.memory_mb if given.memory_mb is None else given.memory_mb,
-        )
 
     async def _run(
         self, delivery: Delivery, task: TaskMessage, pool: str, request: ResourceVector
@@ -88,7 +74,7 @@ class TaskProcessor:
         attempts = 0
         ran_ms = 0.0
         while True:
-            actor = await self._scheduler.acquire(pool, request, task.priority)
+            actor = await self._scheduler.acquire(pool, request, task.priority or 0, delivery.queue)
             try:
                 if is_expired(task):
                     return self._expired(task, attempts, _ms_since(delivery) - ran_ms)

@@ -1,16 +1,19 @@
-"""The scheduler: picks a pool for each task, then an actor with room, waiting by priority.
+"""The scheduler: an actor with room for each task, waiting by priority when there is none.
 
 Plain asyncio and the ledger; no Ray, no AMQP. Waiting tasks form one heap per pool, highest
 `priority` first and then first come; when room frees up, waiters are tried in that order and
 any that fits is placed (a large waiter does not block a small one behind it).
+
+Two listeners watch the waiting: the pools (a pool with waiters may grow) and the ingress (a
+queue with too many waiters stops being consumed, so its backlog stays in RabbitMQ).
 """
 
 import asyncio
 import heapq
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from broker.errors import Rejection
 from broker.ledger import Ledger
 from workers.pool import ActorInfo
 from workers.resources import ResourceVector
@@ -21,53 +24,36 @@ class _Waiter:
     sort_key: tuple[int, int]
     request: ResourceVector = field(compare=False)
     placed: "asyncio.Future[ActorInfo]" = field(compare=False)
+    tag: str | None = field(compare=False, default=None)
 
 
 class Scheduler:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self._waiting: dict[str, list[_Waiter]] = {}
+        self._waiting_by_tag: dict[str, int] = {}
         self._arrival = itertools.count()
+        self.on_pool_waiting: Callable[[str], None] = lambda pool: None
+        self.on_tag_waiting: Callable[[str, int], None] = lambda tag, count: None
 
-    def choose_pool(
-        self, pinned: str | None, request: ResourceVector, pools: set[str]
-    ) -> str | Rejection:
-        """The message's `pool` when given; else `gpu` for GPU requests; else `cpu`."""
-        if pinned is not None:
-            wanted = pinned
-        elif request.gpus > 0:
-            wanted = "gpu"
-        else:
-            wanted = "cpu"
-        if wanted not in pools:
-            return Rejection(
-                "unsatisfiable",
-                f"the {wanted!r} pool is not running on this daemon "
-                f"(running: {', '.join(sorted(pools)) or 'none'})",
-            )
-        return wanted
+    def waiting_by_tag(self, tag: str) -> int:
+        return self._waiting_by_tag.get(tag, 0)
 
-    def check_fits(self, pool: str, request: ResourceVector) -> Rejection | None:
-        if not self.ledger.could_ever_fit(request):
-            return Rejection(
-                "unsatisfiable",
-                f"no node of the cluster can ever hold {request.as_dict()}; "
-                f"the largest node has {self.ledger.largest_node().as_dict()}",
-            )
-        if not any(request.fits_in(shape) for shape in self.ledger.pool_shapes(pool)):
-            shapes = {str(shape.as_dict()) for shape in self.ledger.pool_shapes(pool)}
-            return Rejection(
-                "unsatisfiable",
-                f"no actor of the {pool!r} pool is large enough for {request.as_dict()} "
-                f"(actor shapes: {', '.join(sorted(shapes)) or 'none'})",
-            )
-        return None
+    def _count(self, tag: str | None, delta: int) -> None:
+        if tag is None:
+            return
+        count = self._waiting_by_tag.get(tag, 0) + delta
+        self._waiting_by_tag[tag] = count
+        self.on_tag_waiting(tag, count)
 
     def waiting(self, pool: str) -> int:
         return len(self._waiting.get(pool, ()))
 
-    async def acquire(self, pool: str, request: ResourceVector, priority: int) -> ActorInfo:
-        """An actor of `pool` with room for `request`; waits until there is one."""
+    async def acquire(
+        self, pool: str, request: ResourceVector, priority: int, tag: str | None = None
+    ) -> ActorInfo:
+        """An actor of `pool` with room for `request`; waits until there is one. `tag` names
+        where the task came from (its queue), for the waiting-per-tag count."""
         queue = self._waiting.setdefault(pool, [])
         if not queue:
             placed = self.ledger.place(pool, request)
@@ -77,8 +63,13 @@ class Scheduler:
             (-priority, next(self._arrival)),
             request,
             asyncio.get_running_loop().create_future(),
+            tag,
         )
         heapq.heappush(queue, waiter)
+        self._count(tag, +1)
+        # Backfill: the newcomer may fit now even though the waiters ahead of it do not.
+        self.wake(pool)
+        self.on_pool_waiting(pool)
         try:
             return await waiter.placed
         except asyncio.CancelledError:
@@ -88,6 +79,8 @@ class Scheduler:
             else:
                 self._forget(pool, waiter)
             raise
+        finally:
+            self._count(tag, -1)
 
     def release(self, pool: str, actor: ActorInfo, request: ResourceVector) -> None:
         self.ledger.finish(actor.key, request)

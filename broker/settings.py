@@ -49,8 +49,44 @@ class Settings(BaseSettings):
         default=3, ge=0, le=20, description="retries of retryable failures when a task gives none"
     )
     retry_backoff_s: float = Field(default=0.2, ge=0, description="first retry delay")
-    cpu_pool_size: int = Field(default=2, ge=0, description="actors in the CPU pool")
+    cpu_pool_min: int = Field(default=1, ge=0, description="CPU pool: fewest actors")
+    cpu_pool_max: int = Field(default=4, ge=1, description="CPU pool: most actors")
     cpu_actor_cpus: float = Field(default=1.0, ge=0, description="CPUs each CPU actor reserves")
+    gpu_pool_min: int = Field(default=1, ge=0, description="GPU pool: fewest actors")
+    gpu_pool_max: int = Field(default=8, ge=1, description="GPU pool: most actors")
+    gpu_actor_gpus: float = Field(default=1.0, gt=0, description="GPUs each GPU actor reserves")
+    gpu_actor_cpus: float = Field(default=1.0, ge=0, description="CPUs each GPU actor reserves")
+    memory_pool_min: int = Field(default=1, ge=0, description="memory pool: fewest actors")
+    memory_pool_max: int = Field(default=4, ge=1, description="memory pool: most actors")
+    memory_actor_memory_mb: int = Field(
+        default=4096, ge=0, description="memory each memory actor reserves"
+    )
+    memory_actor_cpus: float = Field(
+        default=1.0, ge=0, description="CPUs each memory actor reserves"
+    )
+    memory_node_resource: str = Field(
+        default="swarm_memory_node",
+        description="custom Ray resource that marks a memory node (memory actors need it)",
+    )
+    gpu_task_types: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["training", "inference"],
+        description="task types sent to the GPU pool when it runs (comma-separated)",
+    )
+    gpu_defaults: dict[str, float] = Field(
+        default_factory=lambda: {"training": 1.0, "inference": 0.25, "data_processing": 1.0},
+        description="GPUs a task takes on the GPU pool when it names none (JSON)",
+    )
+    memory_task_threshold_mb: int = Field(
+        default=2048, ge=0, description="tasks asking at least this memory go to the memory pool"
+    )
+    pool_idle_s: float = Field(
+        default=60.0, ge=0, description="an actor idle this long above the pool's minimum stops"
+    )
+    max_waiting_per_queue: int = Field(
+        default=64,
+        gt=0,
+        description="tasks of one queue waiting for room before its consumer pauses",
+    )
     actor_max_concurrency: int = Field(
         default=64, gt=0, description="tasks one actor runs at once, whatever their size"
     )
@@ -75,7 +111,7 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="on SIGTERM, how long in-flight tasks may finish"
     )
 
-    @field_validator("handler_modules", mode="before")
+    @field_validator("handler_modules", "gpu_task_types", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):
@@ -99,15 +135,36 @@ class Settings(BaseSettings):
         )
 
     def pool_specs(self) -> list[PoolSpec]:
-        specs = []
-        if self.cpu_pool_size:
-            specs.append(
-                PoolSpec(
-                    name="cpu",
-                    size=self.cpu_pool_size,
-                    shape=ResourceVector(cpus=self.cpu_actor_cpus),
-                    max_concurrency=self.actor_max_concurrency,
-                    start_timeout_s=self.pool_start_timeout_s,
-                )
-            )
-        return specs
+        """All three pools; the daemon starts those that some node of the cluster can hold."""
+        common = {
+            "max_concurrency": self.actor_max_concurrency,
+            "start_timeout_s": self.pool_start_timeout_s,
+        }
+        return [
+            PoolSpec(
+                name="cpu",
+                min_size=self.cpu_pool_min,
+                max_size=self.cpu_pool_max,
+                shape=ResourceVector(cpus=self.cpu_actor_cpus),
+                **common,  # type: ignore[arg-type]
+            ),
+            PoolSpec(
+                name="gpu",
+                min_size=self.gpu_pool_min,
+                max_size=self.gpu_pool_max,
+                shape=ResourceVector(cpus=self.gpu_actor_cpus, gpus=self.gpu_actor_gpus),
+                **common,  # type: ignore[arg-type]
+            ),
+            PoolSpec(
+                name="memory",
+                min_size=self.memory_pool_min,
+                max_size=self.memory_pool_max,
+                shape=ResourceVector(
+                    cpus=self.memory_actor_cpus, memory_mb=self.memory_actor_memory_mb
+                ),
+                # A sliver of the marker resource: any number of memory actors fit on a marked
+                # node, and none on an unmarked one.
+                custom_resources={self.memory_node_resource: 0.001},
+                **common,  # type: ignore[arg-type]
+            ),
+        ]

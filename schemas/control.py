@@ -4,16 +4,16 @@ from typing import Annotated, Literal, TypeAlias
 
 from pydantic import Field, TypeAdapter
 
-from schemas.base import WireModel
+from schemas.base import ProtocolVersion, WireModel
 
 
 class StatusRequest(WireModel):
-    v: Literal[1]
+    v: ProtocolVersion
     op: Literal["status"]
 
 
 class CancelRequest(WireModel):
-    v: Literal[1]
+    v: ProtocolVersion
     op: Literal["cancel"]
     id: Annotated[str, Field(min_length=1, max_length=128)]
 

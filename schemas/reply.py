@@ -4,7 +4,7 @@ from typing import Any, Literal, TypeAlias
 
 from pydantic import Field
 
-from schemas.base import WireModel
+from schemas.base import ProtocolVersion, WireModel
 
 Status: TypeAlias = Literal["ok", "error", "expired", "cancelled"]
 
@@ -37,7 +37,7 @@ class Timing(WireModel):
 class Reply(WireModel):
     """One task's final outcome, or a control request's answer (then `id` is nil)."""
 
-    v: Literal[1] = 1
+    v: ProtocolVersion = 1
     id: str | None
     status: Status
     result: Any = None

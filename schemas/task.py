@@ -4,7 +4,7 @@ from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import Field
 
-from schemas.base import WireModel
+from schemas.base import ProtocolVersion, WireModel
 
 TaskType: TypeAlias = Literal["training", "inference", "data_processing"]
 PoolName: TypeAlias = Literal["gpu", "cpu", "memory"]
@@ -23,14 +23,15 @@ class Resources(WireModel):
 class TaskMessage(WireModel):
     """The body of a task message, version 1."""
 
-    v: Literal[1]
+    v: ProtocolVersion
     id: Annotated[str, Field(min_length=1, max_length=128)]
     type: TaskType
     handler: Annotated[str, Field(min_length=1, max_length=256)]
     args: Any = None
     resources: Resources | None = None
     pool: PoolName | None = None
-    priority: Annotated[int, Field(ge=0, le=9)] = 0
+    # None when absent (or nil, which counts as absent): the scheduler reads it as 0.
+    priority: Annotated[int, Field(ge=0, le=9)] | None = None
     deadline: float | None = None
     timeout_s: Annotated[float, Field(gt=0)] | None = None
     max_retries: Annotated[int, Field(ge=0, le=20)] | None = None

@@ -1,12 +1,12 @@
 """Fixtures on the real parts: a RabbitMQ vhost per test, one Ray for the session, daemons."""
 
-import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ray.cluster_utils import Cluster
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -33,17 +33,38 @@ def amqp_url(rabbit: RabbitServer) -> Iterator[str]:
         yield url
 
 
+# Fast failure detection, so a removed node's actors are reported dead within seconds.
+FAST_HEALTH_CHECKS = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 500,
+    "health_check_timeout_ms": 500,
+    "health_check_failure_threshold": 4,
+}
+
+
 @pytest.fixture(scope="session")
-def ray_address() -> Iterator[str]:
-    """One local Ray for the whole run; in-process daemons use it, subprocesses join it."""
+def ray_cluster() -> Iterator[Cluster]:
+    """One Ray for the whole run, as a `Cluster` so multi-node tests can add and remove
+    worker nodes; in-process daemons drive it, subprocess daemons join it."""
     import ray
 
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], include_dashboard=False)
-    else:
-        ray.init(num_cpus=SESSION_RAY_CPUS, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": SESSION_RAY_CPUS,
+            "include_dashboard": False,
+            "_system_config": FAST_HEALTH_CHECKS,
+        },
+    )
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_cluster: Cluster) -> str:
+    return str(ray_cluster.address)
 
 
 DaemonFactory = Callable[..., Awaitable[Daemon]]
@@ -55,7 +76,12 @@ async def start_daemon(amqp_url: str, ray_address: str) -> AsyncIterator[DaemonF
     started: list[Daemon] = []
 
     async def start(**overrides: Any) -> Daemon:
-        values: dict[str, Any] = {"amqp_url": amqp_url, "cpu_pool_size": 1, "drain_timeout_s": 5.0}
+        values: dict[str, Any] = {
+            "amqp_url": amqp_url,
+            "cpu_pool_min": 1,
+            "cpu_pool_max": 1,
+            "drain_timeout_s": 5.0,
+        }
         values.update(overrides)
         daemon = Daemon(Settings(**values))
         await daemon.start()

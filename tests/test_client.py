@@ -67,7 +67,7 @@ async def test_unroutable_type_is_a_submit_error(daemon: Daemon, amqp_url: str) 
 
 
 async def test_client_status(start_daemon: DaemonFactory, amqp_url: str) -> None:
-    await start_daemon(cpu_pool_size=2)
+    await start_daemon(cpu_pool_min=2, cpu_pool_max=2)
     async with SwarmClient(amqp_url) as client:
         answer = await client.status()
     assert set(answer) == {"pools", "nodes", "queues", "limits"}

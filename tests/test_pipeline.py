@@ -118,7 +118,7 @@ async def test_tasks_run_concurrently_on_one_actor(
 ) -> None:
     """Twenty zero-cpu tasks meet at a barrier inside one actor: only possible if they run at
     the same time."""
-    await start_daemon(handler_modules=["workers.diagnostics"], cpu_pool_size=1)
+    await start_daemon(handler_modules=["workers.diagnostics"], cpu_pool_min=1, cpu_pool_max=1)
     inbox = await producer.inbox()
     for _ in range(20):
         await producer.publish(

@@ -48,3 +48,27 @@ def crash_once(args: Any) -> Any:
     except FileExistsError:
         return {"retried": True, "pid": os.getpid()}
     os._exit(1)
+
+
+_occupancy = {"now": 0, "max": 0}
+
+
+@handler("occupancy")
+async def occupancy(args: Any) -> Any:
+    """Hold a slot for `args.seconds`; report how many runs this actor held at once at most."""
+    _occupancy["now"] += 1
+    _occupancy["max"] = max(_occupancy["max"], _occupancy["now"])
+    try:
+        await asyncio.sleep(float(args.get("seconds", 0.1)))
+    finally:
+        _occupancy["now"] -= 1
+    return {"max": _occupancy["max"], "pid": os.getpid()}
+
+
+@handler("wait_file")
+async def wait_file(args: Any) -> Any:
+    """Return once the file `args.path` exists: a gate a test opens when it is ready."""
+    path = str(args["path"])
+    while not await asyncio.to_thread(os.path.exists, path):  # noqa: ASYNC110 - across processes
+        await asyncio.sleep(0.01)
+    return {"path": path}

@@ -18,7 +18,8 @@ class PoolSpec:
     """How a pool's actors are shaped. `shape` is what each actor reserves from Ray."""
 
     name: str
-    size: int
+    min_size: int
+    max_size: int
     shape: ResourceVector
     max_concurrency: int = 64
     custom_resources: dict[str, float] = field(default_factory=dict)
@@ -50,7 +51,7 @@ class RayActorPool:
         return list(self._infos.values())
 
     async def start(self) -> list[ActorInfo]:
-        return list(await asyncio.gather(*(self.add_actor() for _ in range(self.spec.size))))
+        return list(await asyncio.gather(*(self.add_actor() for _ in range(self.spec.min_size))))
 
     async def add_actor(self) -> ActorInfo:
         import ray
@@ -110,7 +111,7 @@ class RayActorPool:
         return outcome
 
     def remove(self, key: str) -> ActorInfo | None:
-        """Forget an actor (after it was lost) and make sure its process is gone."""
+        """Forget an actor (lost, or idle and retired) and make sure its process is gone."""
         import ray
 
         handle = self._handles.pop(key, None)

@@ -95,7 +95,7 @@ def load_handlers(modules: Iterable[str]) -> HandlerRegistry:
     for module_name in [BUILTIN_MODULE, *modules]:
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
+        except Exception as exc:  # ImportError, or anything its top-level code raised
             raise HandlerConfigError(
                 f"cannot import handler module {module_name!r}: {exc}; "
                 "check SWARM_HANDLER_MODULES and that the module is installed on every Ray node"
