@@ -62,6 +62,10 @@ class Daemon:
         self._refresher = asyncio.create_task(self._refresh_nodes())
         log.info("daemon ready", pools=sorted(self.pools.names), handlers=self.registry.names())
 
+    @property
+    def ingress(self) -> Ingress | None:
+        return self._ingress
+
     async def _queue_depths(self) -> dict[str, int]:
         return await self._ingress.queue_depths() if self._ingress is not None else {}
 

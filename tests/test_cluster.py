@@ -209,3 +209,79 @@ async def test_node_removed_mid_run_its_tasks_are_placed_again(
         assert reply["node"] == second
     assert first not in {n.node_id for n in daemon.scheduler.ledger.alive_nodes()}
     assert all(a.node_id == second for a in daemon.pools.actors("gpu"))
+
+
+async def test_a_backlog_that_cannot_be_placed_stays_in_rabbitmq(
+    start_daemon: DaemonFactory, producer: RawProducer, tmp_path: Path
+) -> None:
+    """Past SWARM_MAX_WAITING_PER_QUEUE waiting tasks the queue's consumer pauses: the rest
+    of the backlog stays queued in RabbitMQ although the prefetch window would take it."""
+    daemon = await start_daemon(
+        handler_modules=["workers.diagnostics"],
+        cpu_pool_min=1,
+        cpu_pool_max=1,
+        prefetch=200,
+        max_waiting_per_queue=5,
+    )
+    assert daemon.ingress is not None
+    queue = "swarm.tasks.training"
+    one_waiting, paused = asyncio.Event(), asyncio.Event()
+    forward = daemon.scheduler.on_tag_waiting
+
+    def watch(tag: str, count: int) -> None:
+        forward(tag, count)
+        if count >= 1:
+            one_waiting.set()
+        if count >= 5:
+            paused.set()
+
+    daemon.scheduler.on_tag_waiting = watch
+    gate = tmp_path / "open"
+    inbox = await producer.inbox()
+    await producer.publish(
+        "training", task("training", "wait_file", {"path": str(gate)}), reply_to=inbox.name
+    )
+    await producer.publish("training", task("training", "echo"), reply_to=inbox.name)
+    await asyncio.wait_for(one_waiting.wait(), 60)  # the blocker holds the only actor
+    for _ in range(60):
+        await producer.publish("training", task("training", "echo"), reply_to=inbox.name)
+    await asyncio.wait_for(paused.wait(), 60)
+    status = await daemon.ingress.queue_depths()
+    assert daemon.ingress.is_paused(queue)
+    assert status[queue] >= 30, status
+    gate.touch()
+    await inbox.wait_for(62, timeout_s=120)
+    assert all(r.payload["status"] == "ok" for r in inbox.messages)
+    assert not daemon.ingress.is_paused(queue)
+
+
+async def test_pool_grows_under_backlog_and_shrinks_back_when_idle(
+    start_daemon: DaemonFactory, producer: RawProducer
+) -> None:
+    daemon = await start_daemon(cpu_pool_min=1, cpu_pool_max=3, pool_idle_s=0.2)
+    ledger = daemon.scheduler.ledger
+    sizes: list[int] = []
+    back_to_min = asyncio.Event()
+    add, remove = ledger.add_actor, ledger.remove_actor
+
+    def count() -> int:
+        return sum(1 for load in ledger.actors.values() if load.info.pool == "cpu")
+
+    def on_add(info: Any) -> None:
+        add(info)
+        sizes.append(count())
+
+    def on_remove(key: str) -> None:
+        remove(key)
+        sizes.append(count())
+        if count() == 1:
+            back_to_min.set()
+
+    ledger.add_actor = on_add  # type: ignore[method-assign]
+    ledger.remove_actor = on_remove  # type: ignore[method-assign]
+    bodies = [task("training", "sleep", {"seconds": 0.5}) for _ in range(9)]
+    replies = await _replies(producer, bodies)
+    assert all(reply["status"] == "ok" for reply in replies.values())
+    assert max(sizes) == 3  # grew to its maximum, never past it
+    await asyncio.wait_for(back_to_min.wait(), 60)
+    assert count() == 1
