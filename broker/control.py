@@ -9,7 +9,9 @@ from broker.delivery import Delivery
 from broker.intake import describe_validation
 from broker.ledger import Ledger
 from broker.outcome import Outcome
+from broker.outcomes import OutcomeStore
 from broker.pools import PoolSet
+from broker.processor import TaskProcessor
 from broker.replies import encode_reply, error_reply
 from broker.scheduler import Scheduler
 from broker.settings import Settings
@@ -28,7 +30,11 @@ class ControlProcessor:
         scheduler: Scheduler,
         pools: PoolSet,
         queue_depths: Callable[[], Awaitable[dict[str, int]]],
+        tasks: TaskProcessor,
+        store: OutcomeStore,
     ) -> None:
+        self._tasks = tasks
+        self._store = store
         self._settings = settings
         self._scheduler = scheduler
         self._ledger: Ledger = scheduler.ledger
@@ -45,8 +51,22 @@ class ControlProcessor:
         except ValidationError as exc:
             return self._invalid(describe_validation(exc))
         if isinstance(request, CancelRequest):
-            return self._invalid("cancel is not available in this version of the daemon")
+            return self._ok(await self.cancel(request.id))
         return self._ok(await self.status())
+
+    async def cancel(self, task_id: str) -> dict[str, Any]:
+        """Cancel by id. `state` says which case it was: `finished` (too late: its outcome is
+        stored), `waiting` or `running` (it will be answered `cancelled`), `finishing` (its
+        outcome is being published), or `unseen` (remembered: answered `cancelled` on
+        arrival within the retention window)."""
+        stored = self._store.get(task_id)
+        if stored is not None:
+            return {"id": task_id, "state": "finished", "status": stored.status}
+        state = self._tasks.active.cancel(task_id)
+        if state is None:
+            await self._store.remember_cancel(task_id)
+            return {"id": task_id, "state": "unseen", "remembered_s": self._store.retention_s}
+        return {"id": task_id, "state": state}
 
     async def status(self) -> dict[str, Any]:
         await self._pools.refresh_nodes()

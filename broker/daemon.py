@@ -11,6 +11,7 @@ from broker.connection import connect
 from broker.control import ControlProcessor
 from broker.ingress import Ingress
 from broker.ledger import Ledger
+from broker.outcomes import OutcomeStore
 from broker.pools import PoolSet
 from broker.processor import TaskProcessor
 from broker.scheduler import Scheduler
@@ -28,6 +29,7 @@ class Daemon:
         self.settings = settings
         self.registry = load_handlers(settings.handler_modules)
         self.scheduler = Scheduler(Ledger())
+        self.store = OutcomeStore(settings.outcome_retention_s)
         self.pools = PoolSet(
             settings.pool_specs(), settings.handler_modules, self.scheduler, settings.pool_idle_s
         )
@@ -48,13 +50,18 @@ class Daemon:
             cluster.connect, self.settings.ray_address, num_cpus=self.settings.ray_num_cpus
         )
         await self.pools.start()
-        tasks = TaskProcessor(self.settings, self.registry, self.scheduler, self.pools)
-        control = ControlProcessor(self.settings, self.scheduler, self.pools, self._queue_depths)
+        tasks = TaskProcessor(self.settings, self.registry, self.scheduler, self.pools, self.store)
+        self.tasks = tasks
+        control = ControlProcessor(
+            self.settings, self.scheduler, self.pools, self._queue_depths, tasks, self.store
+        )
         self._ingress = Ingress(
             connection,
             self.settings.prefetch,
             tasks.process,
             control.process,
+            self.store,
+            tasks.settled,
             self.settings.max_waiting_per_queue,
         )
         self.scheduler.on_tag_waiting = self._ingress.on_waiting
@@ -88,6 +95,7 @@ class Daemon:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        await self.store.detach()
         if self._connection is not None:
             await self._connection.close()
         self.pools.stop()

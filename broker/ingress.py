@@ -16,6 +16,7 @@ from aio_pika.abc import (
 
 from broker.delivery import Delivery
 from broker.outcome import Outcome
+from broker.outcomes import OutcomeStore
 from broker.publisher import Publisher
 from broker.topology import Topology, declare
 
@@ -70,8 +71,12 @@ class Ingress:
         prefetch: int,
         process_task: Processor,
         process_control: Processor,
+        store: OutcomeStore,
+        on_settled: Callable[[Outcome], None],
         max_waiting_per_queue: int = 64,
     ) -> None:
+        self._store = store
+        self._on_settled = on_settled
         self._connection = connection
         self._prefetch = prefetch
         self._process_task = process_task
@@ -93,6 +98,7 @@ class Ingress:
         topology = await declare(publish_channel)
         self._topology = topology
         self._publisher = Publisher(publish_channel, topology.results, topology.dead)
+        await self._store.attach(self._connection, publish_channel)
         consume_channel = await self._connection.channel()
         await consume_channel.set_qos(prefetch_count=self._prefetch)
         self._consume_channel = consume_channel
@@ -158,9 +164,19 @@ class Ingress:
         self, delivery: Delivery, message: AbstractIncomingMessage, process: Processor
     ) -> None:
         assert self._publisher is not None
+        outcome: Outcome | None = None
         try:
             outcome = await process(delivery)
-            await self._publisher.publish_outcome(delivery, outcome)
+            record = None
+            if outcome.recorded:
+                assert outcome.task_id is not None
+                record = self._store.outcome_record(
+                    outcome.task_id, outcome.status, outcome.reply_body
+                )
+            if outcome.reply:
+                await self._publisher.publish_outcome(delivery, outcome, record)
+            if record is not None:
+                self._store.apply(record)
         except asyncio.CancelledError:
             # Shutting down: hand the task back to RabbitMQ for another daemon.
             await _requeue(message)
@@ -173,6 +189,9 @@ class Ingress:
             )
             await _requeue(message)
             return
+        finally:
+            if outcome is not None:
+                self._on_settled(outcome)
         try:
             await message.ack()
         except Exception as exc:

@@ -21,6 +21,8 @@ class ActorLoad:
     used: ResourceVector = ZERO
     running: int = 0
     idle_since_s: float = field(default_factory=time.monotonic)
+    # Takes no new tasks; stopped once its running tasks end (a stuck sync handler's thread).
+    draining: bool = False
 
     def has_room_for(self, request: ResourceVector) -> bool:
         return self.running < self.info.max_concurrency and (self.used + request).fits_in(
@@ -76,7 +78,7 @@ class Ledger:
         """Reserve room for one task on the least-loaded actor of `pool` that has it."""
         best: ActorLoad | None = None
         for load in self.actors.values():
-            if load.info.pool != pool or not self._node_alive(load.info.node_id):
+            if load.info.pool != pool or load.draining or not self._node_alive(load.info.node_id):
                 continue
             if load.has_room_for(request) and (best is None or load.running < best.running):
                 best = load
@@ -85,6 +87,15 @@ class Ledger:
         best.used = best.used + request
         best.running += 1
         return best.info
+
+    def drain(self, key: str) -> None:
+        load = self.actors.get(key)
+        if load is not None:
+            load.draining = True
+
+    def drained(self) -> list[str]:
+        """Draining actors whose last task has ended: ready to stop."""
+        return [key for key, load in self.actors.items() if load.draining and load.running == 0]
 
     def idle_actors(self, pool: str, idle_s: float, now_s: float | None = None) -> list[str]:
         """Keys of `pool`'s actors that have run nothing for at least `idle_s`."""

@@ -1,15 +1,21 @@
-"""A task's final outcome, ready for the transport to publish and settle."""
+"""A task's outcome, ready for the transport to publish, record and settle; and its builders."""
 
 from dataclasses import dataclass
+
+from broker.errors import Rejection
+from broker.replies import encode_reply, error_reply
+from schemas.reply import Reply, Timing
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What to send for one delivery: the reply bytes and, for errors, the dead letter's facts.
+    """What to do for one delivery.
 
-    `reply_body` is already encoded. Every task whose status is `error` is dead-lettered, so
-    that "rejected on arrival" and "failed for good" both reach `swarm.dead`; control answers
-    never are (`dead_letter_errors=False`).
+    `reply_body` is already encoded. `reply` false means acknowledge without a reply (a
+    redelivery of a task whose outcome is stored). `record` means append to the outcome store
+    (every final outcome of a task whose id could be read, once). Every task whose status is
+    `error` is dead-lettered, so that "rejected on arrival" and "failed for good" both reach
+    `swarm.dead`; duplicates and control answers never are (`dead_letter_errors=False`).
     """
 
     task_id: str | None
@@ -20,7 +26,87 @@ class Outcome:
     error_message: str | None = None
     attempts: int = 0
     dead_letter_errors: bool = True
+    record: bool = True
+    reply: bool = True
 
     @property
     def dead_letter(self) -> bool:
         return self.dead_letter_errors and self.status == "error"
+
+    @property
+    def recorded(self) -> bool:
+        return self.record and self.task_id is not None
+
+
+def rejected(
+    rejection: Rejection,
+    routing_type: str,
+    task_id: str | None = None,
+    *,
+    status: str = "error",
+    attempts: int = 0,
+    pool: str | None = None,
+    node: str | None = None,
+    queued_ms: float = 0.0,
+    run_ms: float = 0.0,
+) -> Outcome:
+    """An outcome with an error: `error` (with `rejection.code`), `expired` or `cancelled`."""
+    task_id = task_id or rejection.task_id
+    reply = error_reply(
+        task_id,
+        status,
+        rejection.code,
+        rejection.message,
+        retryable=rejection.retryable,
+        attempts=attempts,
+        pool=pool,
+        node=node,
+        queued_ms=max(0.0, queued_ms),
+        run_ms=run_ms,
+    )
+    return Outcome(
+        task_id,
+        status,
+        encode_reply(reply),
+        routing_type,
+        rejection.code,
+        rejection.message,
+        attempts,
+    )
+
+
+def succeeded(
+    task_id: str,
+    routing_type: str,
+    payload: bytes | None,
+    *,
+    attempts: int,
+    pool: str,
+    node: str,
+    queued_ms: float,
+    run_ms: float,
+) -> Outcome:
+    reply = Reply(
+        id=task_id,
+        status="ok",
+        attempts=attempts,
+        pool=pool,
+        node=node,
+        timing=Timing(queued_ms=queued_ms, run_ms=run_ms),
+    )
+    return Outcome(task_id, "ok", encode_reply(reply, payload), routing_type, attempts=attempts)
+
+
+def duplicate(
+    task_id: str, status: str, reply_body: bytes, routing_type: str, *, redelivered: bool
+) -> Outcome:
+    """The stored reply again: sent to a republished duplicate, withheld from a redelivery."""
+    return Outcome(
+        task_id,
+        status,
+        reply_body,
+        routing_type,
+        dead_letter_errors=False,
+        record=False,
+        reply=not redelivered,
+    )

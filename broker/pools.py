@@ -110,6 +110,21 @@ class PoolSet:
         log.warning("actor lost", actor=actor.key, node=actor.node_id)
         self._sizing_needed.set()
 
+    def retire(self, actor: ActorInfo) -> None:
+        """Take no new tasks on `actor` and stop it once its running tasks end: its process
+        holds a sync handler's thread that a time limit or a cancel could not interrupt."""
+        self._ledger.drain(actor.key)
+        log.info("actor retiring: a sync handler could not be stopped", actor=actor.key)
+        self.reap()
+
+    def reap(self) -> None:
+        """Stop retired actors that have finished their last task."""
+        for key in self._ledger.drained():
+            info = self._ledger.actors[key].info
+            self._ledger.remove_actor(key)
+            self._pools[info.pool].remove(key)
+            self._sizing_needed.set()
+
     # -- sizing ------------------------------------------------------------------------------
     async def _size_pools(self) -> None:
         while True:

@@ -1,25 +1,28 @@
-"""From a delivery to its outcome: intake, pool choice, placement, the run, and retries.
+"""From a delivery to its outcome: intake, duplicates, placement, the run, retries, cancels.
 
-Knows nothing of AMQP: the ingress hands it a Delivery and publishes the Outcome it returns.
+Knows nothing of AMQP: the ingress hands it a Delivery, publishes the Outcome it returns, and
+calls `settled` once that is done.
 """
 
+import asyncio
 import random
 import time
 
 import structlog
 
+from broker.active import ActiveTask, ActiveTasks
 from broker.delivery import Delivery
 from broker.errors import Rejection
 from broker.intake import admit, is_expired
-from broker.outcome import Outcome
+from broker.outcome import Outcome, duplicate, rejected, succeeded
+from broker.outcomes import OutcomeStore
 from broker.placement import PlacementRules
 from broker.pools import PoolSet
-from broker.replies import encode_reply, error_reply
 from broker.scheduler import Scheduler
 from broker.settings import Settings
-from schemas.reply import Reply, Timing
 from schemas.task import TaskMessage
 from workers.errors import WorkerLost
+from workers.pool import ActorInfo
 from workers.registry import HandlerRegistry
 from workers.resources import ResourceVector
 
@@ -33,17 +36,25 @@ class TaskProcessor:
         registry: HandlerRegistry,
         scheduler: Scheduler,
         pools: PoolSet,
+        store: OutcomeStore,
     ) -> None:
         self._settings = settings
         self._limits = settings.codec_limits
         self._registry = registry
         self._scheduler = scheduler
         self._pools = pools
+        self._store = store
         self._rules = PlacementRules(settings)
+        self.active = ActiveTasks()
 
     async def process(self, delivery: Delivery) -> Outcome:
         routing_type = delivery.task_type or "unknown"
         admitted = admit(delivery, self._limits, self._registry)
+        task_id = admitted.id if isinstance(admitted, TaskMessage) else admitted.task_id
+        if task_id is not None:
+            earlier = await self._earlier_outcome(task_id, routing_type, delivery)
+            if earlier is not None:
+                return earlier
         if isinstance(admitted, Rejection):
             log.info(
                 "task rejected",
@@ -52,143 +63,187 @@ class TaskProcessor:
                 task_id=admitted.task_id,
                 queue=delivery.queue,
             )
-            return self._answer(admitted, routing_type)
+            return rejected(admitted, routing_type)
         task = admitted
+        if self._store.cancel_pending(task.id):
+            return rejected(
+                Rejection("cancelled", "cancelled before it arrived", task.id),
+                task.type,
+                status="cancelled",
+            )
         structlog.contextvars.bind_contextvars(task_id=task.id)
+        active = self.active.begin(task.id)
         try:
-            if is_expired(task):
-                return self._expired(task, attempts=0, queued_ms=_ms_since(delivery))
-            placement = self._rules.place(task, self._pools.running, self._scheduler.ledger)
-            if isinstance(placement, Rejection):
-                return self._answer(placement, task.type, task.id)
-            return await self._run(delivery, task, placement.pool, placement.request)
+            return await self._admitted(delivery, task, active)
+        except BaseException:
+            self.active.end(task.id)  # no outcome: nothing will be settled for it
+            raise
         finally:
+            active.worker = None  # decided: a cancel from now on finds it finishing
             structlog.contextvars.unbind_contextvars("task_id")
 
+    def settled(self, outcome: Outcome) -> None:
+        """The outcome was published and recorded (or that failed): duplicates may go on."""
+        if outcome.task_id is not None and outcome.record:
+            self.active.end(outcome.task_id)
+
+    async def _earlier_outcome(
+        self, task_id: str, routing_type: str, delivery: Delivery
+    ) -> Outcome | None:
+        """The stored reply when this id already has a final outcome (waiting for it when the
+        same id is in progress here), else None."""
+        active = self.active.get(task_id)
+        if active is not None:
+            await asyncio.shield(active.settled)
+        stored = self._store.get(task_id)
+        if stored is None:
+            return None
+        log.info(
+            "duplicate answered from the outcome store",
+            task_id=task_id,
+            redelivered=delivery.redelivered,
+        )
+        return duplicate(
+            task_id,
+            stored.status,
+            stored.reply_body,
+            routing_type,
+            redelivered=delivery.redelivered,
+        )
+
+    async def _admitted(self, delivery: Delivery, task: TaskMessage, active: ActiveTask) -> Outcome:
+        if is_expired(task):
+            return self._expired(task, 0, _ms_since(delivery))
+        placement = self._rules.place(task, self._pools.running, self._scheduler.ledger)
+        if isinstance(placement, Rejection):
+            return rejected(placement, task.type, task.id)
+        try:
+            return await self._run(delivery, task, placement.pool, placement.request, active)
+        except asyncio.CancelledError:
+            if not active.cancel_requested:
+                raise  # shutting down: the ingress hands the task back to RabbitMQ
+            current = asyncio.current_task()
+            if current is not None and hasattr(current, "uncancel"):
+                current.uncancel()
+            return rejected(
+                Rejection("cancelled", "cancelled by a control request", task.id),
+                task.type,
+                status="cancelled",
+                attempts=active.attempts,
+                queued_ms=_ms_since(delivery),
+            )
+
     async def _run(
-        self, delivery: Delivery, task: TaskMessage, pool: str, request: ResourceVector
+        self,
+        delivery: Delivery,
+        task: TaskMessage,
+        pool: str,
+        request: ResourceVector,
+        active: ActiveTask,
     ) -> Outcome:
         max_retries = (
             self._settings.default_max_retries if task.max_retries is None else task.max_retries
         )
-        attempts = 0
         ran_ms = 0.0
         while True:
             actor = await self._scheduler.acquire(pool, request, task.priority or 0, delivery.queue)
+            started = time.monotonic()
+            lost: WorkerLost | None = None
             try:
                 if is_expired(task):
-                    return self._expired(task, attempts, _ms_since(delivery) - ran_ms)
-                attempts += 1
-                started = time.monotonic()
+                    return self._expired(task, active.attempts, _ms_since(delivery) - ran_ms)
+                active.attempts += 1
+                active.running = True
                 result = await self._pools.run(
                     actor, task.handler, task.type, task.args, task.timeout_s
                 )
-            except WorkerLost as lost:
+            except WorkerLost as error:
+                lost = error
                 ran_ms += (time.monotonic() - started) * 1000.0
                 self._pools.actor_lost(actor)
-                if attempts > max_retries:
-                    return self._answer(
+            except asyncio.CancelledError:
+                self._retire_if_stuck(task, actor)
+                raise
+            finally:
+                active.running = False
+                self._scheduler.release(pool, actor, request)
+                self._pools.reap()
+            if lost is not None:
+                if active.attempts > max_retries:
+                    return rejected(
                         Rejection(
                             "worker_lost",
-                            f"{lost}; gave up after {attempts} attempts",
+                            f"{lost}; gave up after {active.attempts} attempts",
                             task.id,
                             retryable=True,
                         ),
                         task.type,
-                        task.id,
-                        attempts=attempts,
+                        attempts=active.attempts,
                         pool=pool,
                         node=actor.node_id,
+                        queued_ms=_ms_since(delivery) - ran_ms,
                     )
-                log.warning("worker lost; retrying on another actor", attempt=attempts)
-                await self._backoff(attempts)
+                log.warning("worker lost; retrying on another actor", attempt=active.attempts)
+                await self._pause_before_retry(active.attempts, None)
                 continue
-            finally:
-                self._scheduler.release(pool, actor, request)
-            queued_ms = max(0.0, _ms_since(delivery) - ran_ms - result.run_ms)
+            ran_ms += result.run_ms
+            queued_ms = max(0.0, _ms_since(delivery) - ran_ms)
             if result.ok:
-                reply = Reply(
-                    id=task.id,
-                    status="ok",
-                    attempts=attempts,
+                return succeeded(
+                    task.id,
+                    task.type,
+                    result.payload,
+                    attempts=active.attempts,
                     pool=pool,
                     node=actor.node_id,
-                    timing=Timing(queued_ms=queued_ms, run_ms=result.run_ms),
-                )
-                return Outcome(
-                    task.id, "ok", encode_reply(reply, result.payload), task.type, attempts=attempts
+                    queued_ms=queued_ms,
+                    run_ms=result.run_ms,
                 )
             code = result.error_code or "handler_error"
-            return self._answer(
-                Rejection(code, result.error_message or code, task.id),
+            if code == "timeout":
+                self._retire_if_stuck(task, actor)
+            retry = result.retry_delay_s is not None or (
+                code == "timeout" and self._settings.retry_timeouts
+            )
+            if retry and active.attempts <= max_retries:
+                log.info("retrying", attempt=active.attempts, reason=result.error_message)
+                await self._pause_before_retry(active.attempts, result.retry_delay_s)
+                continue
+            message = result.error_message or code
+            if retry:
+                message = f"{message}; gave up after {active.attempts} attempts"
+            return rejected(
+                Rejection(code, message, task.id, retryable=retry or code == "timeout"),
                 task.type,
-                task.id,
-                attempts=attempts,
+                attempts=active.attempts,
                 pool=pool,
                 node=actor.node_id,
                 queued_ms=queued_ms,
                 run_ms=result.run_ms,
             )
 
-    async def _backoff(self, attempt: int) -> None:
-        """Exponential backoff with full jitter, so retries of a crashed batch spread out."""
-        import asyncio
+    def _retire_if_stuck(self, task: TaskMessage, actor: ActorInfo) -> None:
+        """A sync handler on a thread goes on after a time limit or a cancel: retire its actor."""
+        spec = self._registry.get(task.handler)
+        if spec is not None and not spec.is_async and spec.blocking:
+            self._pools.retire(actor)
 
-        ceiling = self._settings.retry_backoff_s * (2 ** (attempt - 1))
-        await asyncio.sleep(random.uniform(0, ceiling))
+    async def _pause_before_retry(self, attempt: int, delay_s: float | None) -> None:
+        """The handler's own delay when it asked for one; else exponential backoff with full
+        jitter, so the retries of a crashed batch spread out."""
+        if delay_s is None:
+            delay_s = random.uniform(0, self._settings.retry_backoff_s * (2 ** (attempt - 1)))
+        await asyncio.sleep(delay_s)
 
     def _expired(self, task: TaskMessage, attempts: int, queued_ms: float) -> Outcome:
-        reply = error_reply(
-            task.id,
-            "expired",
-            "expired",
-            f"deadline {task.deadline} passed before the task started",
-            attempts=attempts,
-            queued_ms=max(0.0, queued_ms),
-        )
-        return Outcome(
-            task.id,
-            "expired",
-            encode_reply(reply),
+        return rejected(
+            Rejection(
+                "expired", f"deadline {task.deadline} passed before the task started", task.id
+            ),
             task.type,
-            "expired",
-            reply.error.message if reply.error else None,
-            attempts,
-        )
-
-    def _answer(
-        self,
-        rejection: Rejection,
-        routing_type: str,
-        task_id: str | None = None,
-        *,
-        attempts: int = 0,
-        pool: str | None = None,
-        node: str | None = None,
-        queued_ms: float = 0.0,
-        run_ms: float = 0.0,
-    ) -> Outcome:
-        task_id = task_id or rejection.task_id
-        reply = error_reply(
-            task_id,
-            "error",
-            rejection.code,
-            rejection.message,
-            retryable=rejection.retryable,
+            status="expired",
             attempts=attempts,
-            pool=pool,
-            node=node,
             queued_ms=queued_ms,
-            run_ms=run_ms,
-        )
-        return Outcome(
-            task_id,
-            "error",
-            encode_reply(reply),
-            routing_type,
-            rejection.code,
-            rejection.message,
-            attempts,
         )
 
 

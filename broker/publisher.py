@@ -9,6 +9,7 @@ from aiormq.abc import DeliveredMessage
 
 from broker.delivery import Delivery
 from broker.outcome import Outcome
+from broker.outcomes import OUTCOMES_QUEUE
 from schemas.topology import (
     ATTEMPTS_HEADER,
     CONTENT_TYPE,
@@ -47,9 +48,12 @@ class Publisher:
         self._results = results
         self._dead = dead
 
-    async def publish_outcome(self, delivery: Delivery, outcome: Outcome) -> None:
-        """Publish the reply (to `reply_to` and `swarm.results`) and, for errors, the dead
-        letter; return once RabbitMQ confirmed them all. Raises on a nack or a lost channel."""
+    async def publish_outcome(
+        self, delivery: Delivery, outcome: Outcome, record: bytes | None = None
+    ) -> None:
+        """Publish the reply (to `reply_to` and `swarm.results`), the outcome `record` (to the
+        outcome stream) and, for errors, the dead letter; return once RabbitMQ confirmed them
+        all. Raises on a nack or a lost channel."""
         reply = aio_pika.Message(
             outcome.reply_body,
             content_type=CONTENT_TYPE,
@@ -66,6 +70,14 @@ class Publisher:
         if reply_to is not None:
             direct = reply_to.startswith(DIRECT_REPLY_PREFIX)
             sends.append(self._default.publish(reply, reply_to, mandatory=not direct))
+        if record is not None:
+            sends.append(
+                self._default.publish(
+                    aio_pika.Message(record, delivery_mode=DeliveryMode.PERSISTENT),
+                    OUTCOMES_QUEUE,
+                    mandatory=False,
+                )
+            )
         confirmed = await asyncio.gather(*sends)
         returned = reply_to is not None and isinstance(confirmed[1], DeliveredMessage)
         if not (outcome.dead_letter or returned):

@@ -107,6 +107,14 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="lowest level logged"
     )
+    outcome_retention_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="how long final outcomes (and early cancels) are kept to answer duplicates",
+    )
+    retry_timeouts: bool = Field(
+        default=False, description="retry a run that hit its timeout_s, up to max_retries"
+    )
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="on SIGTERM, how long in-flight tasks may finish"
     )

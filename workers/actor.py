@@ -7,6 +7,7 @@ from typing import Any
 from schemas.codec import encode
 from workers.outcome import RunOutcome
 from workers.registry import HandlerSpec, load_handlers
+from workers.signals import Retry
 
 
 class WorkerActor:
@@ -37,6 +38,14 @@ class WorkerActor:
         started = time.perf_counter()
         try:
             value = await asyncio.wait_for(self._call(spec, args), timeout_s)
+        except Retry as signal:
+            return RunOutcome(
+                ok=False,
+                error_code="handler_error",
+                error_message=f"asked to retry: {signal}",
+                run_ms=_ms_since(started),
+                retry_delay_s=signal.delay_s,
+            )
         except asyncio.TimeoutError:
             return RunOutcome(
                 ok=False,

@@ -3,9 +3,11 @@ SWARM_HANDLER_MODULES=workers.diagnostics. Never loaded by default: `crash` ends
 
 import asyncio
 import os
+import time
 from typing import Any
 
 from workers.registry import handler
+from workers.signals import Retry
 
 _arrivals: dict[str, int] = {}
 _arrived = asyncio.Condition()
@@ -72,3 +74,32 @@ async def wait_file(args: Any) -> Any:
     while not await asyncio.to_thread(os.path.exists, path):  # noqa: ASYNC110 - across processes
         await asyncio.sleep(0.01)
     return {"path": path}
+
+
+@handler("journal")
+def journal(args: Any) -> Any:
+    """Append `args.entry` to the file `args.path` (one line per run): counts real runs."""
+    with open(str(args["path"]), "a") as log:
+        log.write(f"{args.get('entry', 'run')}\n")
+    return args.get("entry", "run")
+
+
+@handler("flaky")
+def flaky(args: Any) -> Any:
+    """Ask for a retry (workers.signals.Retry) the first `args.failures` runs, then succeed;
+    runs are counted in the file `args.path`."""
+    path = str(args["path"])
+    with open(path, "a+") as log:
+        log.seek(0)
+        runs = len(log.readlines())
+        log.write("run\n")
+    if runs < int(args["failures"]):
+        raise Retry(float(args.get("delay_s", 0.01)), f"run {runs + 1} asks for another")
+    return {"runs": runs + 1}
+
+
+@handler("block")
+def block(args: Any) -> Any:
+    """Block the thread for `args.seconds`: a sync handler no time limit can interrupt."""
+    time.sleep(float(args["seconds"]))
+    return {"pid": os.getpid()}

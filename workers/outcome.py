@@ -17,3 +17,5 @@ class RunOutcome:
     error_code: str | None = None
     error_message: str | None = None
     run_ms: float = 0.0
+    # Set when the handler raised workers.signals.Retry: run again after this delay.
+    retry_delay_s: float | None = None

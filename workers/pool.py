@@ -101,8 +101,14 @@ class RayActorPool:
         handle = self._handles.get(key)
         if handle is None:
             raise WorkerLost(key, "the actor was already removed from its pool")
+        ref = handle.run.remote(handler, task_type, args, timeout_s)
         try:
-            outcome: RunOutcome = await handle.run.remote(handler, task_type, args, timeout_s)
+            outcome: RunOutcome = await ref
+        except asyncio.CancelledError:
+            # Our caller gave up (a cancel, or shutdown): stop the run in the actor too. An
+            # async handler gets CancelledError; a sync one's thread cannot be interrupted.
+            ray.cancel(ref)
+            raise
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             raise WorkerLost(key, type(exc).__name__) from exc
         except ray.exceptions.RayTaskError as exc:

@@ -1,0 +1,51 @@
+"""Tasks in progress in this daemon, by id: for cancels and for duplicates arriving meanwhile."""
+
+import asyncio
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ActiveTask:
+    task_id: str
+    worker: "asyncio.Task[object] | None"
+    running: bool = False
+    attempts: int = 0
+    cancel_requested: bool = False
+    settled: "asyncio.Future[None]" = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class ActiveTasks:
+    def __init__(self) -> None:
+        self._by_id: dict[str, ActiveTask] = {}
+
+    def get(self, task_id: str) -> ActiveTask | None:
+        return self._by_id.get(task_id)
+
+    def begin(self, task_id: str) -> ActiveTask:
+        active = ActiveTask(task_id, asyncio.current_task())
+        self._by_id[task_id] = active
+        return active
+
+    def end(self, task_id: str) -> None:
+        """The task's outcome is published (or failed to be): release whoever waits on it."""
+        active = self._by_id.pop(task_id, None)
+        if active is not None and not active.settled.done():
+            active.settled.set_result(None)
+
+    def cancel(self, task_id: str) -> str | None:
+        """Stop a waiting or running task; returns the state it was in, or None if unknown."""
+        active = self._by_id.get(task_id)
+        if active is None:
+            return None
+        if active.worker is None:
+            return "finishing"
+        state = "running" if active.running else "waiting"
+        if not active.cancel_requested:
+            active.cancel_requested = True
+            active.worker.cancel("cancelled by a control request")
+        return state
+
+    def __len__(self) -> int:
+        return len(self._by_id)
