@@ -3,6 +3,8 @@
 import asyncio
 from dataclasses import dataclass, field
 
+from broker.delivery import Settlement
+
 
 @dataclass
 class ActiveTask:
@@ -14,6 +16,8 @@ class ActiveTask:
     settled: "asyncio.Future[None]" = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    # Renewal copies of this task's message that reached us: held until the next renewal.
+    copies: list[Settlement] = field(default_factory=list)
 
 
 class ActiveTasks:

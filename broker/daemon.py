@@ -65,6 +65,7 @@ class Daemon:
             self.settings.max_waiting_per_queue,
         )
         self.scheduler.on_tag_waiting = self._ingress.on_waiting
+        tasks.renew = self._ingress.renew
         await self._ingress.start()
         self._refresher = asyncio.create_task(self._refresh_nodes())
         log.info("daemon ready", pools=sorted(self.pools.names), handlers=self.registry.names())

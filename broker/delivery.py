@@ -1,7 +1,18 @@
 """Per-delivery state, kept apart from the frozen task envelope."""
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+# Header on a copy of a long-running task that the daemon republished to renew its hold on it.
+LEASE_HEADER = "x-swarm-lease"
+
+
+class Settlement(Protocol):
+    """The transport's handle on one delivery. Both calls are idempotent: the first wins."""
+
+    async def ack(self) -> None: ...
+
+    async def requeue(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -18,7 +29,14 @@ class Delivery:
     properties: dict[str, Any]
     redelivered: bool
     received_at_s: float
-    settle_token: Any = field(default=None, compare=False, repr=False)
+    settle_token: Settlement | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def lease(self) -> int:
+        """0 for a task as the producer sent it; n for the n-th renewal copy."""
+        headers = self.properties.get("headers") or {}
+        value = headers.get(LEASE_HEADER, 0)
+        return value if isinstance(value, int) else 0
 
     @property
     def content_type(self) -> str | None:

@@ -49,7 +49,7 @@ def to_delivery(message: AbstractIncomingMessage, queue: str, task_type: str | N
         properties={name: getattr(message, name, None) for name in _PROPERTY_NAMES},
         redelivered=bool(message.redelivered),
         received_at_s=time.monotonic(),
-        settle_token=message,
+        settle_token=AmqpSettlement(message),
     )
 
 
@@ -83,6 +83,9 @@ class Ingress:
         self._process_control = process_control
         self._max_waiting = max_waiting_per_queue
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Deliveries seen, and how many of them RabbitMQ marked as redelivered.
+        self.received = 0
+        self.redelivered = 0
         self._consumers: dict[str, _Consumer] = {}
         self._stopping = False
         self._consume_channel: AbstractChannel | None = None
@@ -113,7 +116,9 @@ class Ingress:
     ) -> None:
         async def on_message(message: AbstractIncomingMessage) -> None:
             delivery = to_delivery(message, queue.name, task_type)
-            task = asyncio.create_task(self._handle(delivery, message, process))
+            self.received += 1
+            self.redelivered += delivery.redelivered
+            task = asyncio.create_task(self._handle(delivery, process))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
@@ -160,10 +165,9 @@ class Ingress:
                         "could not cancel a consumer", queue=consumer.queue.name, error=str(exc)
                     )
 
-    async def _handle(
-        self, delivery: Delivery, message: AbstractIncomingMessage, process: Processor
-    ) -> None:
-        assert self._publisher is not None
+    async def _handle(self, delivery: Delivery, process: Processor) -> None:
+        assert self._publisher is not None and delivery.settle_token is not None
+        settlement = delivery.settle_token
         outcome: Outcome | None = None
         try:
             outcome = await process(delivery)
@@ -179,7 +183,7 @@ class Ingress:
                 self._store.apply(record)
         except asyncio.CancelledError:
             # Shutting down: hand the task back to RabbitMQ for another daemon.
-            await _requeue(message)
+            await settlement.requeue()
             raise
         except Exception:
             log.exception(
@@ -187,17 +191,17 @@ class Ingress:
                 queue=delivery.queue,
                 message_id=delivery.message_id,
             )
-            await _requeue(message)
+            await settlement.requeue()
             return
         finally:
             if outcome is not None:
                 self._on_settled(outcome)
-        try:
-            await message.ack()
-        except Exception as exc:
-            # The channel went away after the outcome was confirmed: RabbitMQ will redeliver,
-            # and the redelivery is answered again (at least once).
-            log.warning("ack failed after the outcome was published", error=str(exc))
+        await settlement.ack()
+
+    async def renew(self, delivery: Delivery, lease: int) -> None:
+        """Put a renewal copy of a long task's message on its queue (confirmed)."""
+        assert self._publisher is not None
+        await self._publisher.republish(delivery, lease)
 
     async def queue_depths(self) -> dict[str, int]:
         assert self._topology is not None
@@ -234,8 +238,32 @@ class Ingress:
         return len(pending)
 
 
-async def _requeue(message: AbstractIncomingMessage) -> None:
-    try:
-        await message.nack(requeue=True)
-    except Exception as exc:
-        log.warning("could not requeue; RabbitMQ redelivers on channel close", error=str(exc))
+class AmqpSettlement:
+    """Acknowledges or requeues one delivery, once. A long task's delivery may be acked early,
+    when its renewal copy is safely queued, and again at the end: the second call is a no-op."""
+
+    __slots__ = ("_message", "_settled")
+
+    def __init__(self, message: AbstractIncomingMessage) -> None:
+        self._message = message
+        self._settled = False
+
+    async def ack(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        try:
+            await self._message.ack()
+        except Exception as exc:
+            # The channel went away after the outcome was confirmed: RabbitMQ will redeliver,
+            # and the redelivery is acknowledged from the outcome store without a reply.
+            log.warning("ack failed after the outcome was published", error=str(exc))
+
+    async def requeue(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        try:
+            await self._message.nack(requeue=True)
+        except Exception as exc:
+            log.warning("could not requeue; RabbitMQ redelivers on channel close", error=str(exc))

@@ -7,11 +7,12 @@ calls `settled` once that is done.
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 
 from broker.active import ActiveTask, ActiveTasks
-from broker.delivery import Delivery
+from broker.delivery import Delivery, Settlement
 from broker.errors import Rejection
 from broker.intake import admit, is_expired
 from broker.outcome import Outcome, duplicate, rejected, succeeded
@@ -46,6 +47,7 @@ class TaskProcessor:
         self._store = store
         self._rules = PlacementRules(settings)
         self.active = ActiveTasks()
+        self.renew: Callable[[Delivery, int], Awaitable[None]] = _cannot_renew
 
     async def process(self, delivery: Delivery) -> Outcome:
         routing_type = delivery.task_type or "unknown"
@@ -94,6 +96,8 @@ class TaskProcessor:
         same id is in progress here), else None."""
         active = self.active.get(task_id)
         if active is not None:
+            if delivery.lease and delivery.settle_token is not None:
+                active.copies.append(delivery.settle_token)
             await asyncio.shield(active.settled)
         stored = self._store.get(task_id)
         if stored is None:
@@ -108,7 +112,7 @@ class TaskProcessor:
             stored.status,
             stored.reply_body,
             routing_type,
-            redelivered=delivery.redelivered,
+            redelivered=delivery.redelivered or delivery.lease > 0,
         )
 
     async def _admitted(self, delivery: Delivery, task: TaskMessage, active: ActiveTask) -> Outcome:
@@ -117,6 +121,7 @@ class TaskProcessor:
         placement = self._rules.place(task, self._pools.running, self._scheduler.ledger)
         if isinstance(placement, Rejection):
             return rejected(placement, task.type, task.id)
+        keeper = asyncio.create_task(self._keep_lease(delivery, active))
         try:
             return await self._run(delivery, task, placement.pool, placement.request, active)
         except asyncio.CancelledError:
@@ -132,6 +137,28 @@ class TaskProcessor:
                 attempts=active.attempts,
                 queued_ms=_ms_since(delivery),
             )
+        finally:
+            keeper.cancel()
+
+    async def _keep_lease(self, delivery: Delivery, active: ActiveTask) -> None:
+        """Keep a long task clear of RabbitMQ's consumer timeout (30 min by default), past
+        which RabbitMQ would close the channel and redeliver everything on it.
+
+        Every `lease_renew_s`, a copy of the task message goes back on its queue (confirmed),
+        and only then is the delivery we hold acknowledged. The copy waits in the queue, or
+        here as a duplicate, until the next renewal or the outcome; if this daemon dies, the
+        copy is the task's message for the next one. At no instant is the task only in memory.
+        """
+        held: list[Settlement] = [delivery.settle_token] if delivery.settle_token else []
+        lease = delivery.lease
+        while True:
+            await asyncio.sleep(self._settings.lease_renew_s)
+            lease += 1
+            await self.renew(delivery, lease)
+            for settlement in held:
+                await settlement.ack()
+            held, active.copies = active.copies, []
+            log.info("lease renewed", lease=lease)
 
     async def _run(
         self,
@@ -245,6 +272,10 @@ class TaskProcessor:
             attempts=attempts,
             queued_ms=queued_ms,
         )
+
+
+async def _cannot_renew(delivery: Delivery, lease: int) -> None:
+    raise RuntimeError("no transport to renew a lease on")
 
 
 def _ms_since(delivery: Delivery) -> float:

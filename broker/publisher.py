@@ -7,7 +7,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, DeliveryMode
 from aiormq.abc import DeliveredMessage
 
-from broker.delivery import Delivery
+from broker.delivery import LEASE_HEADER, Delivery
 from broker.outcome import Outcome
 from broker.outcomes import OUTCOMES_QUEUE
 from schemas.topology import (
@@ -89,6 +89,18 @@ class Publisher:
             extra[UNDELIVERED_REPLY_HEADER] = reply_to
             message = message or f"reply to {reply_to!r} was returned: no such queue"
         await self._publish_dead(delivery, outcome, code, message, extra)
+
+    async def republish(self, delivery: Delivery, lease: int) -> None:
+        """A copy of the task message, unchanged but for the lease header, on its own queue."""
+        properties = {
+            name: delivery.properties[name]
+            for name in _PROPERTY_NAMES
+            if delivery.properties.get(name) is not None
+        }
+        headers = dict(delivery.properties.get("headers") or {})
+        headers[LEASE_HEADER] = lease
+        copy = aio_pika.Message(delivery.body, headers=headers, **properties)
+        await self._default.publish(copy, delivery.queue, mandatory=False)
 
     async def _publish_dead(
         self,

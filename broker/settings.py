@@ -112,6 +112,12 @@ class Settings(BaseSettings):
         gt=0,
         description="how long final outcomes (and early cancels) are kept to answer duplicates",
     )
+    lease_renew_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="a task held this long is re-queued as a copy and acked (under "
+        "RabbitMQ's consumer_timeout)",
+    )
     retry_timeouts: bool = Field(
         default=False, description="retry a run that hit its timeout_s, up to max_retries"
     )

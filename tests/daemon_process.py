@@ -23,6 +23,7 @@ class DaemonProcess:
         self.env.update({f"SWARM_{key.upper()}": str(value) for key, value in settings.items()})
         self.process: asyncio.subprocess.Process | None = None
         self.log: list[dict[str, Any]] = []
+        self._logged = asyncio.Condition()
 
     async def start(self, timeout_s: float = 120.0) -> "DaemonProcess":
         self.process = await asyncio.create_subprocess_exec(
@@ -43,11 +44,25 @@ class DaemonProcess:
                 entry = json.loads(line)
             except ValueError:
                 continue  # Ray's own plain-text lines
-            self.log.append(entry)
+            async with self._logged:
+                self.log.append(entry)
+                self._logged.notify_all()
             if event is not None and entry.get("event") == event:
                 return
         if event is not None:
             raise RuntimeError(f"daemon exited before {event!r}: {self.log[-5:]}")
+
+    async def logged(self, event: str, count: int = 1, timeout_s: float = 120.0) -> None:
+        """Wait until the daemon has logged `event` `count` times."""
+
+        def seen() -> bool:
+            return sum(1 for entry in self.log if entry.get("event") == event) >= count
+
+        async def wait() -> None:
+            async with self._logged:
+                await self._logged.wait_for(seen)
+
+        await asyncio.wait_for(wait(), timeout_s)
 
     def kill(self) -> None:
         assert self.process is not None

@@ -1,0 +1,92 @@
+"""Tasks longer than RabbitMQ's consumer timeout: the lease is renewed by re-queueing a copy."""
+
+from pathlib import Path
+
+import pytest
+from conftest import DaemonFactory
+from daemon_process import DaemonProcess
+from rabbit import RabbitServer
+from raw import RawProducer, task
+
+DIAGNOSTICS = "workers.diagnostics"
+
+
+def runs(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+async def test_a_task_outliving_its_lease_runs_once_and_answers_once(
+    start_daemon: DaemonFactory, producer: RawProducer, amqp_url: str, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(handler_modules=[DIAGNOSTICS], lease_renew_s=0.3)
+    inbox = await producer.inbox()
+    body = task("training", "sleep", {"seconds": 2.0}, id="long-lease")
+    await producer.publish("training", body, reply_to=inbox.name)
+    reply = await inbox.one()
+    assert reply.payload["status"] == "ok"
+    assert reply.payload["attempts"] == 1
+    # Had any delivery been held past the timeout, RabbitMQ would have closed the channel
+    # and redelivered it.
+    assert daemon.ingress.redelivered == 0
+    assert daemon.ingress.received > 1  # the renewal copies came back and were settled
+    # A sentinel behind the renewal copies: once it is answered, every copy was consumed.
+    await producer.publish("training", task("training", "echo", "sentinel"), reply_to=inbox.name)
+    await inbox.wait_for(2)
+    assert [r.payload["id"] for r in inbox.messages][0] == "long-lease"
+    assert len(inbox.messages) == 2  # the copies were acknowledged without replies
+    assert daemon.ingress is not None
+    depths = await daemon.ingress.queue_depths()
+    assert depths["swarm.tasks.training"] == 0
+
+
+async def test_daemon_killed_after_a_renewal_the_copy_carries_the_task(
+    amqp_url: str, ray_address: str, producer: RawProducer, tmp_path: Path
+) -> None:
+    journal, gate = tmp_path / "runs", tmp_path / "gate"
+    first = await DaemonProcess(
+        amqp_url, ray_address, handler_modules=DIAGNOSTICS, lease_renew_s=0.3
+    ).start()
+    inbox = await producer.inbox("long-replies", durable=True)
+    body = task("training", "wait_file", {"path": str(gate)}, id="carried")
+    await producer.publish("training", body, reply_to=inbox.name)
+    await first.logged("lease renewed", count=2)  # the original delivery is acked by now
+    first.kill()
+    await first.wait()
+    gate.touch()
+    second = await DaemonProcess(amqp_url, ray_address, handler_modules=DIAGNOSTICS).start()
+    try:
+        reply = await inbox.one()
+    finally:
+        second.terminate()
+        assert await second.wait() == 0
+    assert reply.payload["id"] == "carried"
+    assert reply.payload["status"] == "ok"
+    assert runs(journal) == 0
+
+
+async def test_longer_than_rabbitmq_consumer_timeout(
+    start_daemon: DaemonFactory, producer: RawProducer, rabbit: RabbitServer
+) -> None:
+    """RabbitMQ's consumer timeout shortened to 2 s (it is checked once a minute): a 70 s task
+    still runs once and is answered once, because no delivery is held past a lease."""
+    if not rabbit.can_make_vhosts:
+        pytest.skip("needs rabbitmqctl to shorten the broker's consumer_timeout")
+    rabbit.rabbitmqctl("eval", "application:set_env(rabbit, consumer_timeout, 2000).")
+    try:
+        daemon = await start_daemon(lease_renew_s=1.0)
+        assert daemon.ingress is not None
+        inbox = await producer.inbox()
+        await producer.publish(
+            "training",
+            task("training", "sleep", {"seconds": 70}, id="marathon"),
+            reply_to=inbox.name,
+        )
+        reply = await inbox.one(timeout_s=180)
+    finally:
+        rabbit.rabbitmqctl("eval", "application:set_env(rabbit, consumer_timeout, 1800000).")
+    assert reply.payload["status"] == "ok"
+    assert reply.payload["attempts"] == 1
+    # Had any delivery been held past the timeout, RabbitMQ would have closed the channel
+    # and redelivered it.
+    assert daemon.ingress.redelivered == 0
+    assert daemon.ingress.received > 1  # the renewal copies came back and were settled
