@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -29,6 +30,9 @@ from broker.topology import declare
 from schemas.codec import decode, encode
 from schemas.reply import Reply
 from schemas.topology import CONTENT_TYPE, CONTROL_QUEUE, PROTOCOL_VERSION
+
+REPLY_QUEUE_EXPIRES_MS = 30 * 60 * 1000
+PUBLISH_ATTEMPTS = 8
 
 
 class SubmitError(BrokerError):
@@ -68,7 +72,14 @@ class SwarmClient:
         # queued, not dropped.
         topology = await declare(self._channel)
         self._tasks = topology.tasks
-        self._replies = await self._channel.declare_queue("", exclusive=True, auto_delete=True)
+        # A reply queue named by the client, not exclusive: it outlives a dropped connection, so
+        # replies published while the client reconnects wait for it. RabbitMQ deletes it once
+        # unused for REPLY_QUEUE_EXPIRES_MS.
+        self._replies = await self._channel.declare_queue(
+            f"swarm.reply.{uuid.uuid4().hex}",
+            durable=False,
+            arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
+        )
         await self._replies.consume(self._on_reply, no_ack=True)
 
     async def close(self) -> None:
@@ -124,7 +135,7 @@ class SwarmClient:
             delivery_mode=DeliveryMode.PERSISTENT,
         )
         try:
-            confirmation = await tasks.publish(message, task_type, mandatory=True)
+            confirmation = await self._publish(tasks, message, task_type)
         except Exception as exc:
             self._waiting.pop(correlation_id, None)
             raise SubmitError(f"task {task_id} was not accepted by RabbitMQ: {exc}") from exc
@@ -132,6 +143,25 @@ class SwarmClient:
             self._waiting.pop(correlation_id, None)
             raise SubmitError(f"task {task_id} was unroutable: no queue for type {task_type!r}")
         return future
+
+    async def _publish(
+        self, tasks: AbstractExchange, message: aio_pika.Message, task_type: str
+    ) -> object:
+        """Publish with confirms; while the connection is being restored, try again. Safe:
+        the daemon answers a task id once, however often it is published."""
+        for attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                return await tasks.publish(message, task_type, mandatory=True)
+            except (
+                aiormq.exceptions.AMQPConnectionError,
+                aiormq.exceptions.ChannelInvalidStateError,
+                ConnectionError,
+                asyncio.TimeoutError,
+            ):
+                if attempt == PUBLISH_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
+        raise AssertionError("unreachable")
 
     async def submit(
         self,
