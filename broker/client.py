@@ -13,19 +13,19 @@ from types import TracebackType
 from typing import Any
 
 import aio_pika
-import aiormq
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustConnection,
     DeliveryMode,
 )
 from aiormq.abc import DeliveredMessage
 
 from broker.connection import connect
 from broker.errors import BrokerError
+from broker.session import CONNECTION_ERRORS
 from broker.topology import declare
 from schemas.codec import decode, encode
 from schemas.reply import Reply
@@ -33,6 +33,8 @@ from schemas.topology import CONTENT_TYPE, CONTROL_QUEUE, PROTOCOL_VERSION
 
 REPLY_QUEUE_EXPIRES_MS = 30 * 60 * 1000
 PUBLISH_ATTEMPTS = 8
+PUBLISH_WAIT_S = 60.0
+PUBLISH_RETRY_ON: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncio.TimeoutError)
 
 
 class SubmitError(BrokerError):
@@ -47,11 +49,17 @@ class SwarmClient:
     def __init__(self, amqp_url: str, *, reply_timeout_s: float | None = None) -> None:
         self._url = amqp_url
         self._reply_timeout_s = reply_timeout_s
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._tasks: AbstractExchange | None = None
         self._replies: AbstractQueue | None = None
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        # Named once: the same queue is consumed again after a reconnect.
+        self._reply_queue = f"swarm.reply.{uuid.uuid4().hex}"
+        self._ready = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._closing = False
+        self._supervisor: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> "SwarmClient":
         await self.connect()
@@ -66,7 +74,30 @@ class SwarmClient:
         await self.close()
 
     async def connect(self) -> None:
-        self._connection = await connect(self._url, name="swarm-client")
+        """Connect (AmqpUnavailable if RabbitMQ is not there), then reconnect by itself
+        whenever the connection drops."""
+        await self._open()
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        while not self._closing:
+            await self._lost.wait()
+            self._ready.clear()
+            delay_s = 0.2
+            while not self._closing:
+                try:
+                    await self._open()
+                    break
+                except BrokerError:
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(5.0, delay_s * 2)
+
+    async def _open(self) -> None:
+        connection = await connect(self._url, name="swarm-client")
+        self._lost = asyncio.Event()
+        lost = self._lost
+        connection.close_callbacks.add(lambda *_: lost.set())
+        self._connection = connection
         self._channel = await self._connection.channel(publisher_confirms=True)
         # Declaring is idempotent; it means a task published before any daemon ever ran is
         # queued, not dropped.
@@ -76,13 +107,17 @@ class SwarmClient:
         # replies published while the client reconnects wait for it. RabbitMQ deletes it once
         # unused for REPLY_QUEUE_EXPIRES_MS.
         self._replies = await self._channel.declare_queue(
-            f"swarm.reply.{uuid.uuid4().hex}",
+            self._reply_queue,
             durable=False,
             arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
         )
         await self._replies.consume(self._on_reply, no_ack=True)
+        self._ready.set()
 
     async def close(self) -> None:
+        self._closing = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
         for future in self._waiting.values():
             future.cancel()
         if self._connection is not None:
@@ -150,14 +185,11 @@ class SwarmClient:
         """Publish with confirms; while the connection is being restored, try again. Safe:
         the daemon answers a task id once, however often it is published."""
         for attempt in range(PUBLISH_ATTEMPTS):
+            await asyncio.wait_for(self._ready.wait(), PUBLISH_WAIT_S)
+            assert self._tasks is not None
             try:
-                return await tasks.publish(message, task_type, mandatory=True)
-            except (
-                aiormq.exceptions.AMQPConnectionError,
-                aiormq.exceptions.ChannelInvalidStateError,
-                ConnectionError,
-                asyncio.TimeoutError,
-            ):
+                return await self._tasks.publish(message, task_type, mandatory=True)
+            except PUBLISH_RETRY_ON:
                 if attempt == PUBLISH_ATTEMPTS - 1:
                     raise
                 await asyncio.sleep(min(5.0, 0.1 * 2**attempt))

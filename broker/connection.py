@@ -1,7 +1,7 @@
 """Connecting to RabbitMQ: robust (reconnecting) connections, TLS via amqps:// URLs."""
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractConnection
 
 from broker.errors import AmqpUnavailable
 
@@ -16,10 +16,12 @@ def redact(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{host}"
 
 
-async def connect(url: str, *, name: str = "swarm") -> AbstractRobustConnection:
-    """Open a robust connection; a clear AmqpUnavailable when RabbitMQ is not there."""
+async def connect(url: str, *, name: str = "swarm") -> AbstractConnection:
+    """Open a connection; a clear AmqpUnavailable when RabbitMQ is not there. Not aio-pika's
+    robust connection: its restore did not survive a RabbitMQ restart here, so the daemon and
+    the client rebuild their whole session themselves when a connection drops."""
     try:
-        return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+        return await aio_pika.connect(url, client_properties={"connection_name": name})
     except Exception as exc:  # aiormq/OSError/asyncio errors for refused, DNS, auth, TLS
         raise AmqpUnavailable(
             f"cannot reach RabbitMQ at {redact(url)}: {type(exc).__name__}: {exc}. "

@@ -5,7 +5,6 @@ import contextlib
 import signal
 
 import structlog
-from aio_pika.abc import AbstractRobustConnection
 
 from broker.connection import connect
 from broker.control import ControlProcessor
@@ -33,7 +32,6 @@ class Daemon:
         self.pools = PoolSet(
             settings.pool_specs(), settings.handler_modules, self.scheduler, settings.pool_idle_s
         )
-        self._connection: AbstractRobustConnection | None = None
         self._ingress: Ingress | None = None
         self._stopped = asyncio.Event()
         self._refresher: asyncio.Task[None] | None = None
@@ -42,8 +40,9 @@ class Daemon:
         """Connect to RabbitMQ (first: it fails fastest), join or start Ray, start the pools,
         then consume. Raises a SwarmError with a one-line explanation when RabbitMQ or Ray is
         not there."""
-        connection = await connect(self.settings.amqp_url.get_secret_value(), name="swarm-daemon")
-        self._connection = connection
+        amqp_url = self.settings.amqp_url.get_secret_value()
+        probe = await connect(amqp_url, name="swarm-daemon-probe")
+        await probe.close()
         # In a thread: ray.init blocks for seconds, and off the main thread it leaves our
         # SIGTERM handler in place instead of installing its own.
         await asyncio.to_thread(
@@ -56,7 +55,7 @@ class Daemon:
             self.settings, self.scheduler, self.pools, self._queue_depths, tasks, self.store
         )
         self._ingress = Ingress(
-            connection,
+            amqp_url,
             self.settings.prefetch,
             tasks.process,
             control.process,
@@ -96,9 +95,8 @@ class Daemon:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
-        await self.store.detach()
-        if self._connection is not None:
-            await self._connection.close()
+        if self._ingress is not None:
+            await self._ingress.close()
         self.pools.stop()
         self._stopped.set()
 
@@ -112,3 +110,7 @@ class Daemon:
         await stop_requested.wait()
         log.info("stopping")
         await self.stop()
+        # Leave Ray cleanly (an embedded Ray is shut down): exiting with the core worker still
+        # up ends the process with SIGABRT instead of status 0.
+        await asyncio.to_thread(cluster.disconnect)
+        log.info("stopped")

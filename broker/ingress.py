@@ -7,20 +7,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustConnection,
-)
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from broker.delivery import Delivery
 from broker.outcome import Outcome
 from broker.outcomes import OutcomeStore
-from broker.publisher import Publisher
-from broker.topology import Topology, declare
+from broker.session import CONNECTION_ERRORS, AmqpSession
+from schemas.topology import CONTROL_QUEUE, DEAD_QUEUE, TASK_TYPES, task_queue
 
 log = structlog.get_logger("swarm.ingress")
+
+RECONNECT_FIRST_S = 0.5
+RECONNECT_MAX_S = 10.0
 
 Processor = Callable[[Delivery], Awaitable[Outcome]]
 
@@ -55,19 +53,29 @@ def to_delivery(message: AbstractIncomingMessage, queue: str, task_type: str | N
 
 @dataclass
 class _Consumer:
-    """One consumed queue. `paused` is the wanted state; `tag` is the live consumer, if any."""
+    """One consumed queue across sessions. `paused` is the wanted state; `tag` is the live
+    consumer on the current session's channel, if any."""
 
-    queue: AbstractQueue
+    queue_name: str
     callback: Callable[[AbstractIncomingMessage], Awaitable[None]]
+    queue: AbstractQueue | None = None
     tag: str | None = None
     paused: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Ingress:
+    """Consumes, hands each delivery to its processor, publishes the outcome, then acks.
+
+    Owns the connection: when it drops (RabbitMQ restart, network cut), a new session is
+    opened with backoff, the topology declared again and every queue consumed again; outcomes
+    computed meanwhile wait for it and are published on the new session. Deliveries of the
+    old session are redelivered by RabbitMQ and answered from the outcome store.
+    """
+
     def __init__(
         self,
-        connection: AbstractRobustConnection,
+        amqp_url: str,
         prefetch: int,
         process_task: Processor,
         process_control: Processor,
@@ -75,56 +83,79 @@ class Ingress:
         on_settled: Callable[[Outcome], None],
         max_waiting_per_queue: int = 64,
     ) -> None:
-        self._store = store
-        self._on_settled = on_settled
-        self._connection = connection
+        self._url = amqp_url
         self._prefetch = prefetch
         self._process_task = process_task
         self._process_control = process_control
+        self._store = store
+        self._on_settled = on_settled
         self._max_waiting = max_waiting_per_queue
         self._in_flight: set[asyncio.Task[None]] = set()
-        # Deliveries seen, and how many of them RabbitMQ marked as redelivered.
+        self._consumers: dict[str, _Consumer] = {}
+        self._session: AmqpSession | None = None
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self._supervisor: asyncio.Task[None] | None = None
+        # Deliveries seen, how many RabbitMQ marked redelivered, and sessions opened.
         self.received = 0
         self.redelivered = 0
-        self._consumers: dict[str, _Consumer] = {}
-        self._stopping = False
-        self._consume_channel: AbstractChannel | None = None
-        self._topology: Topology | None = None
-        self._publisher: Publisher | None = None
+        self.sessions = 0
 
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
 
     async def start(self) -> None:
-        publish_channel = await self._connection.channel(publisher_confirms=True)
-        topology = await declare(publish_channel)
-        self._topology = topology
-        self._publisher = Publisher(publish_channel, topology.results, topology.dead)
-        await self._store.attach(self._connection, publish_channel)
-        consume_channel = await self._connection.channel()
-        await consume_channel.set_qos(prefetch_count=self._prefetch)
-        self._consume_channel = consume_channel
-        for task_type, declared in topology.task_queues.items():
-            queue = await consume_channel.get_queue(declared.name, ensure=False)
-            await self._consume(queue, task_type, self._process_task)
-        control = await consume_channel.get_queue(topology.control.name, ensure=False)
-        await self._consume(control, None, self._process_control)
+        """Open the first session (raising AmqpUnavailable if RabbitMQ is not there), then
+        watch it and reconnect whenever it drops."""
+        for task_type in TASK_TYPES:
+            self._add_consumer(task_queue(task_type), task_type, self._process_task)
+        self._add_consumer(CONTROL_QUEUE, None, self._process_control)
+        await self._open_session()
+        self._supervisor = asyncio.create_task(self._supervise())
 
-    async def _consume(
-        self, queue: AbstractQueue, task_type: str | None, process: Processor
-    ) -> None:
+    def _add_consumer(self, queue_name: str, task_type: str | None, process: Processor) -> None:
         async def on_message(message: AbstractIncomingMessage) -> None:
-            delivery = to_delivery(message, queue.name, task_type)
+            delivery = to_delivery(message, queue_name, task_type)
             self.received += 1
             self.redelivered += delivery.redelivered
             task = asyncio.create_task(self._handle(delivery, process))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
-        consumer = _Consumer(queue, on_message)
-        self._consumers[queue.name] = consumer
-        await self._apply(consumer)
+        self._consumers[queue_name] = _Consumer(queue_name, on_message)
+
+    async def _open_session(self) -> None:
+        session = await AmqpSession.open(self._url, self._prefetch)
+        await self._store.attach(session.connection, session.publish_channel)
+        self._session = session
+        self.sessions += 1
+        for consumer in self._consumers.values():
+            consumer.queue = await session.consume_channel.get_queue(
+                consumer.queue_name, ensure=False
+            )
+            consumer.tag = None
+            await self._apply(consumer)
+        self._ready.set()
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            assert self._session is not None
+            await self._session.lost.wait()
+            if self._stopping:
+                return
+            self._ready.clear()
+            log.warning("connection to RabbitMQ lost; reconnecting")
+            delay_s = RECONNECT_FIRST_S
+            while not self._stopping:
+                try:
+                    await self._open_session()
+                    log.info("reconnected to RabbitMQ", sessions=self.sessions)
+                    break
+                except Exception as exc:
+                    log.warning("reconnect failed", error=str(exc), retry_in_s=delay_s)
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(RECONNECT_MAX_S, delay_s * 2)
 
     def on_waiting(self, queue_name: str, waiting: int) -> None:
         """Backpressure from the scheduler: stop consuming a queue whose tasks pile up waiting
@@ -153,6 +184,8 @@ class Ingress:
     async def _apply(self, consumer: _Consumer) -> None:
         """Bring the consumer to its wanted state; serialised so the last wish wins."""
         async with consumer.lock:
+            if consumer.queue is None:
+                return
             want_consuming = not consumer.paused and not self._stopping
             if want_consuming and consumer.tag is None:
                 consumer.tag = await consumer.queue.consume(consumer.callback)
@@ -162,11 +195,11 @@ class Ingress:
                     await consumer.queue.cancel(tag)
                 except Exception as exc:
                     log.warning(
-                        "could not cancel a consumer", queue=consumer.queue.name, error=str(exc)
+                        "could not cancel a consumer", queue=consumer.queue_name, error=str(exc)
                     )
 
     async def _handle(self, delivery: Delivery, process: Processor) -> None:
-        assert self._publisher is not None and delivery.settle_token is not None
+        assert delivery.settle_token is not None
         settlement = delivery.settle_token
         outcome: Outcome | None = None
         try:
@@ -178,7 +211,7 @@ class Ingress:
                     outcome.task_id, outcome.status, outcome.reply_body
                 )
             if outcome.reply:
-                await self._publisher.publish_outcome(delivery, outcome, record)
+                await self._publish(delivery, outcome, record)
             if record is not None:
                 self._store.apply(record)
         except asyncio.CancelledError:
@@ -198,24 +231,39 @@ class Ingress:
                 self._on_settled(outcome)
         await settlement.ack()
 
+    async def _publish(self, delivery: Delivery, outcome: Outcome, record: bytes | None) -> None:
+        """Publish on the current session; if the connection drops under it, wait for the
+        next session and publish there (a reply may then arrive twice, with the same body)."""
+        while True:
+            await self._ready.wait()
+            session = self._session
+            assert session is not None
+            try:
+                await session.publisher.publish_outcome(delivery, outcome, record)
+                return
+            except CONNECTION_ERRORS as exc:
+                if not session.lost.is_set():
+                    raise
+                log.info(
+                    "publish interrupted by a lost connection; will publish again", error=str(exc)
+                )
+                await asyncio.sleep(0)
+
     async def renew(self, delivery: Delivery, lease: int) -> None:
         """Put a renewal copy of a long task's message on its queue (confirmed)."""
-        assert self._publisher is not None
-        await self._publisher.republish(delivery, lease)
+        await self._ready.wait()
+        assert self._session is not None
+        await self._session.publisher.republish(delivery, lease)
 
     async def queue_depths(self) -> dict[str, int]:
-        assert self._topology is not None
-        channel = await self._connection.channel()
+        await self._ready.wait()
+        assert self._session is not None
+        channel = await self._session.connection.channel()
         try:
             depths = {}
-            queues = [
-                *self._topology.task_queues.values(),
-                self._topology.control,
-                self._topology.dead_queue,
-            ]
-            for queue in queues:
-                declared = await channel.declare_queue(queue.name, passive=True)
-                depths[queue.name] = int(declared.declaration_result.message_count or 0)
+            for name in [*self._consumers, DEAD_QUEUE]:
+                declared = await channel.declare_queue(name, passive=True)
+                depths[name] = int(declared.declaration_result.message_count or 0)
             return depths
         finally:
             await channel.close()
@@ -223,8 +271,9 @@ class Ingress:
     async def stop_consuming(self) -> None:
         """Stop taking new deliveries; those in flight go on."""
         self._stopping = True
-        for consumer in self._consumers.values():
-            await self._apply(consumer)
+        if self._session is not None and not self._session.lost.is_set():
+            for consumer in self._consumers.values():
+                await self._apply(consumer)
 
     async def drain(self, timeout_s: float) -> int:
         """Wait for in-flight deliveries up to `timeout_s`; requeue the rest. Returns requeued."""
@@ -236,6 +285,14 @@ class Ingress:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         return len(pending)
+
+    async def close(self) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        await self._store.detach()
+        if self._session is not None:
+            await self._session.close()
 
 
 class AmqpSettlement:

@@ -21,7 +21,7 @@ from typing import Any
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from schemas.codec import decode, encode
 
@@ -122,7 +122,7 @@ class OutcomeStore:
 
     # -- the stream --------------------------------------------------------------------------
     async def attach(
-        self, connection: AbstractRobustConnection, publish_channel: AbstractChannel
+        self, connection: AbstractConnection, publish_channel: AbstractChannel
     ) -> None:
         """Declare the stream, replay it up to now, then keep tailing it."""
         await publish_channel.declare_queue(

@@ -1,0 +1,56 @@
+"""One AMQP connection's worth of the daemon: its channels, the declared topology, the
+publisher. When the connection drops, the ingress throws the session away and opens another."""
+
+import asyncio
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from broker.connection import connect
+from broker.publisher import Publisher
+from broker.topology import Topology, declare
+
+
+class AmqpSession:
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        publish_channel: AbstractChannel,
+        consume_channel: AbstractChannel,
+        topology: Topology,
+    ) -> None:
+        self.connection = connection
+        self.publish_channel = publish_channel
+        self.consume_channel = consume_channel
+        self.topology = topology
+        self.publisher = Publisher(publish_channel, topology.results, topology.dead)
+        self.lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: self.lost.set())
+
+    @classmethod
+    async def open(cls, url: str, prefetch: int) -> "AmqpSession":
+        """Connect, declare the topology, open a confirm channel for publishing and a channel
+        with the prefetch window for consuming. Raises AmqpUnavailable."""
+        connection = await connect(url, name="swarm-daemon")
+        try:
+            publish_channel = await connection.channel(publisher_confirms=True)
+            topology = await declare(publish_channel)
+            consume_channel = await connection.channel()
+            await consume_channel.set_qos(prefetch_count=prefetch)
+        except BaseException:
+            await connection.close()
+            raise
+        return cls(connection, publish_channel, consume_channel, topology)
+
+    async def close(self) -> None:
+        if not self.connection.is_closed:
+            await self.connection.close()
+
+
+# What a publish raises when the connection under it is gone.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.AMQPConnectionError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    RuntimeError,
+)
