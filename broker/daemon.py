@@ -83,6 +83,7 @@ class Daemon:
                 await self.pools.refresh_nodes()
             except Exception as exc:
                 log.warning("could not read the cluster's nodes", error=str(exc))
+            self.store.sweep()  # outcomes past the retention window leave memory too
 
     async def stop(self) -> None:
         """Stop taking work, let in-flight tasks finish within the drain deadline, requeue the

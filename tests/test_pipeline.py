@@ -128,3 +128,19 @@ async def test_tasks_run_concurrently_on_one_actor(
         )
     replies = await inbox.wait_for(20)
     assert [r.payload["status"] for r in replies] == ["ok"] * 20
+
+
+async def test_batch_handler_answers_queued_tasks_with_one_call(
+    start_daemon: DaemonFactory, producer: RawProducer
+) -> None:
+    await start_daemon(handler_modules=["workers.diagnostics"], cpu_pool_min=1, cpu_pool_max=1)
+    inbox = await producer.inbox()
+    bodies = [task("inference", "batch_echo", n, resources={"cpus": 0}) for n in range(40)]
+    for body in bodies:
+        await producer.publish("inference", body, reply_to=inbox.name)
+    replies = {r.payload["id"]: r.payload for r in await inbox.wait_for(40)}
+    # Each task gets its own result, whatever batch it ran in.
+    assert [replies[b["id"]]["result"]["item"] for b in bodies] == list(range(40))
+    sizes = [reply["result"]["batch"] for reply in replies.values()]
+    assert max(sizes) > 1  # batched ...
+    assert max(sizes) <= 16  # ... never past batch_max

@@ -5,6 +5,7 @@ import time
 from typing import Any
 
 from schemas.codec import encode
+from workers.batching import Batcher
 from workers.outcome import RunOutcome
 from workers.registry import HandlerSpec, load_handlers
 from workers.signals import Retry
@@ -20,6 +21,7 @@ class WorkerActor:
         self._pool = pool
         self._registry = load_handlers(handler_modules)
         self._node_id: str = ray.get_runtime_context().get_node_id()
+        self._batchers: dict[str, Batcher] = {}
 
     def describe(self) -> dict[str, Any]:
         """Where the actor runs and what it can do; also serves as the readiness probe."""
@@ -73,6 +75,11 @@ class WorkerActor:
         return RunOutcome(ok=True, payload=payload, run_ms=run_ms)
 
     async def _call(self, spec: HandlerSpec, args: Any) -> Any:
+        if spec.batch_max is not None:
+            batcher = self._batchers.get(spec.name)
+            if batcher is None:
+                batcher = self._batchers[spec.name] = Batcher(spec)
+            return await batcher.submit(args)
         if spec.is_async:
             return await spec.func(args)
         if not spec.blocking:

@@ -103,3 +103,9 @@ def block(args: Any) -> Any:
     """Block the thread for `args.seconds`: a sync handler no time limit can interrupt."""
     time.sleep(float(args["seconds"]))
     return {"pid": os.getpid()}
+
+
+@handler("batch_echo", batch_max=16, batch_wait_ms=50)
+async def batch_echo(items: list[Any]) -> list[Any]:
+    """A batch handler: each result carries the size of the batch its item ran in."""
+    return [{"item": item, "batch": len(items)} for item in items]

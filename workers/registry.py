@@ -28,15 +28,29 @@ class HandlerSpec:
     is_async: bool
     # False for sync handlers so quick they are cheaper inline than on a thread (echo).
     blocking: bool = True
+    # Batch handlers take a list of args and return a list of results (workers/batching.py).
+    batch_max: int | None = None
+    batch_wait_s: float = 0.0
 
 
 def handler(
-    name: str | None = None, *, types: Iterable[str] = TASK_TYPES, blocking: bool = True
+    name: str | None = None,
+    *,
+    types: Iterable[str] = TASK_TYPES,
+    blocking: bool = True,
+    batch_max: int | None = None,
+    batch_wait_ms: float = 5.0,
 ) -> Callable[[F], F]:
     """Mark a function as a Swarm handler for the given task types (all three by default).
 
-    A sync handler runs on a thread unless `blocking=False` says it returns at once.
+    A sync handler runs on a thread unless `blocking=False` says it returns at once. With
+    `batch_max`, the function takes a list of args and returns a list of results: runs that
+    arrive within `batch_wait_ms` of each other (up to `batch_max`) go to it as one call.
     """
+    if batch_max is not None and batch_max < 1:
+        raise HandlerConfigError(f"batch_max must be at least 1, got {batch_max}")
+    if batch_wait_ms < 0:
+        raise HandlerConfigError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
     task_types = frozenset(types)
     unknown = task_types - set(TASK_TYPES)
     if unknown or not task_types:
@@ -51,6 +65,8 @@ def handler(
             task_types=task_types,
             is_async=inspect.iscoroutinefunction(func),
             blocking=blocking,
+            batch_max=batch_max,
+            batch_wait_s=batch_wait_ms / 1000.0,
         )
         setattr(func, _MARK, spec)
         return func
