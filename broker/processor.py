@@ -121,7 +121,13 @@ class TaskProcessor:
         placement = self._rules.place(task, self._pools.running, self._scheduler.ledger)
         if isinstance(placement, Rejection):
             return rejected(placement, task.type, task.id)
-        keeper = asyncio.create_task(self._keep_lease(delivery, active))
+        # A timer, not a task: most tasks end long before their first renewal, and a timer is
+        # far cheaper to create and cancel on the per-task path.
+        keeper: list[asyncio.Task[None]] = []
+        timer = asyncio.get_running_loop().call_later(
+            self._settings.lease_renew_s,
+            lambda: keeper.append(asyncio.create_task(self._keep_lease(delivery, active))),
+        )
         try:
             return await self._run(delivery, task, placement.pool, placement.request, active)
         except asyncio.CancelledError:
@@ -138,7 +144,9 @@ class TaskProcessor:
                 queued_ms=_ms_since(delivery),
             )
         finally:
-            keeper.cancel()
+            timer.cancel()
+            for keeping in keeper:
+                keeping.cancel()
 
     async def _keep_lease(self, delivery: Delivery, active: ActiveTask) -> None:
         """Keep a long task clear of RabbitMQ's consumer timeout (30 min by default), past
@@ -152,13 +160,13 @@ class TaskProcessor:
         held: list[Settlement] = [delivery.settle_token] if delivery.settle_token else []
         lease = delivery.lease
         while True:
-            await asyncio.sleep(self._settings.lease_renew_s)
             lease += 1
             await self.renew(delivery, lease)
             for settlement in held:
                 await settlement.ack()
             held, active.copies = active.copies, []
             log.info("lease renewed", lease=lease)
+            await asyncio.sleep(self._settings.lease_renew_s)
 
     async def _run(
         self,
