@@ -2,6 +2,7 @@
 the outcome, and only then acknowledge. The one place that decides ack and requeue."""
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -146,6 +147,8 @@ class Ingress:
                 return
             self._ready.clear()
             log.warning("connection to RabbitMQ lost; reconnecting")
+            with contextlib.suppress(Exception):
+                await self._session.close()
             delay_s = RECONNECT_FIRST_S
             while not self._stopping:
                 try:

@@ -25,7 +25,10 @@ class AmqpSession:
         self.topology = topology
         self.publisher = Publisher(publish_channel, topology.results, topology.dead)
         self.lost = asyncio.Event()
-        connection.close_callbacks.add(lambda *_: self.lost.set())
+        # A channel RabbitMQ closed (a 404 on a deleted exchange, a refused permission) is as
+        # good as a lost connection: the session is rebuilt, and declares the topology again.
+        for closable in (connection, publish_channel, consume_channel):
+            closable.close_callbacks.add(lambda *_: self.lost.set())
 
     @classmethod
     async def open(cls, url: str, prefetch: int) -> "AmqpSession":
