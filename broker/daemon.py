@@ -28,7 +28,9 @@ class Daemon:
         self.settings = settings
         self.registry = load_handlers(settings.handler_modules)
         self.scheduler = Scheduler(Ledger())
-        self.store = OutcomeStore(settings.outcome_retention_s)
+        self.store = OutcomeStore(
+            settings.outcome_retention_s, settings.outcome_memory_mb * 1024 * 1024
+        )
         self.pools = PoolSet(
             settings.pool_specs(), settings.handler_modules, self.scheduler, settings.pool_idle_s
         )

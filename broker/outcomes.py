@@ -50,8 +50,12 @@ class StoredOutcome:
 class OutcomeStore:
     """The index of final outcomes and remembered cancels, fed by the stream."""
 
-    def __init__(self, retention_s: float) -> None:
+    def __init__(self, retention_s: float, max_bytes: int = 256 * 1024 * 1024) -> None:
         self.retention_s = retention_s
+        self.max_bytes = max_bytes
+        self._bytes = 0
+        self.evicted = 0
+        # Insertion order is recording order: the oldest outcome is always first.
         self._outcomes: dict[str, StoredOutcome] = {}
         self._cancels: dict[str, float] = {}
         self._append: Callable[[bytes], Awaitable[None]] | None = None
@@ -61,7 +65,7 @@ class OutcomeStore:
     def get(self, task_id: str) -> StoredOutcome | None:
         stored = self._outcomes.get(task_id)
         if stored is not None and self._expired(stored.recorded_at_s):
-            del self._outcomes[task_id]
+            self._forget(task_id)
             return None
         return stored
 
@@ -80,9 +84,29 @@ class OutcomeStore:
         """Forget entries older than the window; returns how many went."""
         before = len(self._outcomes) + len(self._cancels)
         cutoff = time.time() - self.retention_s
-        self._outcomes = {k: v for k, v in self._outcomes.items() if v.recorded_at_s >= cutoff}
+        for task_id in [k for k, v in self._outcomes.items() if v.recorded_at_s < cutoff]:
+            self._forget(task_id)
         self._cancels = {k: v for k, v in self._cancels.items() if v >= cutoff}
         return before - len(self._outcomes) - len(self._cancels)
+
+    def _remember(self, task_id: str, stored: StoredOutcome) -> None:
+        """Index an outcome; past `max_bytes` of reply bodies the oldest are forgotten first,
+        so memory stays bounded whatever the replies weigh (a duplicate of a forgotten
+        outcome runs again, as one older than the retention window would)."""
+        self._outcomes[task_id] = stored
+        self._bytes += len(stored.reply_body)
+        while self._bytes > self.max_bytes and self._outcomes:
+            self._forget(next(iter(self._outcomes)))
+            self.evicted += 1
+
+    def _forget(self, task_id: str) -> None:
+        stored = self._outcomes.pop(task_id, None)
+        if stored is not None:
+            self._bytes -= len(stored.reply_body)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._outcomes)
@@ -115,7 +139,8 @@ class OutcomeStore:
         if self._expired(at):
             return
         if kind == "outcome":
-            self._outcomes.setdefault(task_id, StoredOutcome(str(entry["s"]), entry["r"], at))
+            if task_id not in self._outcomes:
+                self._remember(task_id, StoredOutcome(str(entry["s"]), entry["r"], at))
             self._cancels.pop(task_id, None)
         elif kind == "cancel" and task_id not in self._outcomes:
             self._cancels[task_id] = at

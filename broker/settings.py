@@ -112,6 +112,11 @@ class Settings(BaseSettings):
         gt=0,
         description="how long final outcomes (and early cancels) are kept to answer duplicates",
     )
+    outcome_memory_mb: int = Field(
+        default=256,
+        gt=0,
+        description="reply bytes the outcome index keeps in memory; the oldest go first",
+    )
     lease_renew_s: float = Field(
         default=600.0,
         gt=0,
