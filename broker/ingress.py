@@ -317,7 +317,9 @@ class AmqpSettlement:
         except Exception as exc:
             # The channel went away after the outcome was confirmed: RabbitMQ will redeliver,
             # and the redelivery is acknowledged from the outcome store without a reply.
-            log.warning("ack failed after the outcome was published", error=str(exc))
+            # Debug, not warning: it happens to every delivery of a dropped connection, and
+            # the reconnect is logged once.
+            log.debug("ack failed after the outcome was published", error=str(exc))
 
     async def requeue(self) -> None:
         if self._settled:

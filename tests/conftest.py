@@ -1,5 +1,6 @@
 """Fixtures on the real parts: a RabbitMQ vhost per test, one Ray for the session, daemons."""
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -102,3 +103,18 @@ async def daemon(start_daemon: DaemonFactory) -> Daemon:
 async def producer(amqp_url: str) -> AsyncIterator[RawProducer]:
     async with RawProducer(amqp_url) as raw:
         yield raw
+
+
+def when_waiting(daemon: Daemon, count: int) -> asyncio.Event:
+    """An event set once `count` tasks of one queue wait for room in `daemon`'s scheduler
+    (the scheduler's own hook, chained: the ingress still sees every change)."""
+    reached = asyncio.Event()
+    forward = daemon.scheduler.on_tag_waiting
+
+    def watch(tag: str, waiting: int) -> None:
+        forward(tag, waiting)
+        if waiting >= count:
+            reached.set()
+
+    daemon.scheduler.on_tag_waiting = watch
+    return reached

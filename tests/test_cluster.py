@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonFactory
+from conftest import DaemonFactory, when_waiting
 from raw import RawProducer, task
 from ray.cluster_utils import Cluster
 
@@ -129,15 +129,7 @@ async def test_priority_orders_waiting_tasks(
     daemon = await start_daemon(
         handler_modules=["workers.diagnostics"], cpu_pool_min=1, cpu_pool_max=1
     )
-    all_waiting = asyncio.Event()
-    forward = daemon.scheduler.on_tag_waiting
-
-    def watch(tag: str, count: int) -> None:
-        forward(tag, count)
-        if count == 6:
-            all_waiting.set()
-
-    daemon.scheduler.on_tag_waiting = watch
+    all_waiting = when_waiting(daemon, 6)
     gate = tmp_path / "open"
     inbox = await producer.inbox()
     # A 1-CPU blocker holds the only actor; six 1-CPU tasks then wait behind it.
@@ -225,17 +217,7 @@ async def test_a_backlog_that_cannot_be_placed_stays_in_rabbitmq(
     )
     assert daemon.ingress is not None
     queue = "swarm.tasks.training"
-    one_waiting, paused = asyncio.Event(), asyncio.Event()
-    forward = daemon.scheduler.on_tag_waiting
-
-    def watch(tag: str, count: int) -> None:
-        forward(tag, count)
-        if count >= 1:
-            one_waiting.set()
-        if count >= 5:
-            paused.set()
-
-    daemon.scheduler.on_tag_waiting = watch
+    one_waiting, paused = when_waiting(daemon, 1), when_waiting(daemon, 5)
     gate = tmp_path / "open"
     inbox = await producer.inbox()
     await producer.publish(

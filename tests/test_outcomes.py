@@ -5,7 +5,7 @@ from pathlib import Path
 
 import aio_pika
 import msgpack
-from conftest import DaemonFactory
+from conftest import DaemonFactory, when_waiting
 from raw import RawProducer, task
 
 DIAGNOSTICS = ["workers.diagnostics"]
@@ -128,15 +128,7 @@ async def test_cancel_a_waiting_task(
     daemon = await start_daemon(handler_modules=DIAGNOSTICS)
     gate, log = tmp_path / "gate", tmp_path / "runs"
     inbox = await producer.inbox()
-    waiting = asyncio.Event()
-    forward = daemon.scheduler.on_tag_waiting
-
-    def watch(tag: str, count: int) -> None:
-        forward(tag, count)
-        if count == 1:
-            waiting.set()
-
-    daemon.scheduler.on_tag_waiting = watch
+    waiting = when_waiting(daemon, 1)
     await producer.publish(
         "training",
         task("training", "wait_file", {"path": str(gate)}, id="blocker"),
