@@ -92,13 +92,20 @@ class Scheduler:
         if not queue:
             return
         kept: list[_Waiter] = []
+        # Requests that found no room: a waiter asking at least as much cannot fit either,
+        # so it is kept without searching the actors again (most waiters ask the same).
+        unplaceable: list[ResourceVector] = []
         while queue:
             waiter = heapq.heappop(queue)
             if waiter.placed.done():
                 continue
+            if any(failed.fits_in(waiter.request) for failed in unplaceable):
+                kept.append(waiter)
+                continue
             placed = self.ledger.place(pool, waiter.request)
             if placed is None:
                 kept.append(waiter)
+                unplaceable.append(waiter.request)
             else:
                 waiter.placed.set_result(placed)
         for waiter in kept:
