@@ -112,6 +112,11 @@ class OutcomeStore:
         return len(self._outcomes)
 
     # -- writes ------------------------------------------------------------------------------
+    @staticmethod
+    def batch_record(records: list[bytes]) -> bytes:
+        """Several records as one stream message (see publisher.RecordBatcher)."""
+        return encode({"k": "batch", "items": records})
+
     def outcome_record(self, task_id: str, status: str, reply_body: bytes) -> bytes:
         """The stream record of a final outcome; `apply` it once RabbitMQ confirmed it."""
         return encode(
@@ -132,6 +137,10 @@ class OutcomeStore:
         """Fold one stream record into the index (idempotent: replays and tails repeat)."""
         try:
             entry = decode(record)
+            if entry["k"] == "batch":
+                for item in entry["items"]:
+                    self.apply(item)
+                return
             kind, task_id, at = entry["k"], str(entry["id"]), float(entry["t"])
         except Exception:
             log.warning("unreadable record in the outcome stream; skipped")

@@ -28,3 +28,10 @@ def test_expired_records_are_ignored() -> None:
     store = OutcomeStore(retention_s=0.000001)
     store.apply(store.outcome_record("old", "ok", b"r"))
     assert store.get("old") is None
+
+
+def test_a_batch_record_folds_every_outcome_in_it() -> None:
+    store = OutcomeStore(retention_s=3600)
+    records = [store.outcome_record(f"b{n}", "ok", b"r%d" % n) for n in range(3)]
+    store.apply(OutcomeStore.batch_record(records))
+    assert [store.get(f"b{n}").reply_body for n in range(3)] == [b"r0", b"r1", b"r2"]  # type: ignore[union-attr]
