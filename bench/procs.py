@@ -350,6 +350,14 @@ class RssSampler:
 # -- a Ray head for the whole bench ----------------------------------------------------------
 
 
+def _ray_client_installed() -> bool:
+    try:
+        from ray._private.utils import get_ray_client_dependency_error
+    except ImportError:
+        return False
+    return get_ray_client_dependency_error() is None
+
+
 class SharedRay:
     """`ray start --head --num-cpus=N` once for the bench, in its own temp dir (so no other
     `ray.init()` on the machine finds it) and its own process group (so it is stopped alone)."""
@@ -374,10 +382,13 @@ class SharedRay:
             "--disable-usage-stats",
             "--node-ip-address=127.0.0.1",
             f"--port={port}",
-            f"--ray-client-server-port={free_port()}",
             f"--dashboard-port={free_port()}",
             f"--temp-dir={self.temp_dir}",
         ]
+        if _ray_client_installed():
+            # Off its default port 10001; with the minimal `ray` package there is no Ray
+            # Client server to place, and naming a port for it is an error.
+            command.append(f"--ray-client-server-port={free_port()}")
         with open(log, "ab") as out:
             process = subprocess.Popen(
                 command,
