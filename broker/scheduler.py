@@ -1,30 +1,34 @@
 """The scheduler: an actor with room for each task, waiting by priority when there is none.
 
-Plain asyncio and the ledger; no Ray, no AMQP. Waiting tasks form one heap per pool, highest
-`priority` first and then first come; when room frees up, waiters are tried in that order and
-any that fits is placed (a large waiter does not block a small one behind it).
+Plain asyncio and the ledger; no Ray, no AMQP. Waiting tasks form one list per pool,
+served highest `priority` first and then first come; when room frees up, waiters are tried
+in that order and any that fits is placed (a large waiter does not block a small one
+behind it).
 
 Two listeners watch the waiting: the pools (a pool with waiters may grow) and the ingress (a
 queue with too many waiters stops being consumed, so its backlog stays in RabbitMQ).
 """
 
 import asyncio
-import heapq
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from broker.ledger import Ledger
 from workers.pool import ActorInfo
 from workers.resources import ResourceVector
 
 
-@dataclass(order=True)
+@dataclass(eq=False)
 class _Waiter:
-    sort_key: tuple[int, int]
+    order: tuple[int, int]  # (-priority, arrival): sorting by it gives the service order
     request: ResourceVector = field(compare=False)
     placed: "asyncio.Future[ActorInfo]" = field(compare=False)
     tag: str | None = field(compare=False, default=None)
+
+
+_SERVICE_ORDER = attrgetter("order")
 
 
 class Scheduler:
@@ -65,7 +69,7 @@ class Scheduler:
             asyncio.get_running_loop().create_future(),
             tag,
         )
-        heapq.heappush(queue, waiter)
+        queue.append(waiter)
         self._count(tag, +1)
         # Backfill: the newcomer may fit now even though the waiters ahead of it do not.
         self.wake(pool)
@@ -95,8 +99,9 @@ class Scheduler:
         # Requests that found no room: a waiter asking at least as much cannot fit either,
         # so it is kept without searching the actors again (most waiters ask the same).
         unplaceable: list[ResourceVector] = []
-        while queue:
-            waiter = heapq.heappop(queue)
+        # A C-level sort on a key, not a heap of dataclass comparisons: this runs on every
+        # release, and at saturation the Python-level comparisons were most of its cost.
+        for waiter in sorted(queue, key=_SERVICE_ORDER):
             if waiter.placed.done():
                 continue
             if any(failed.fits_in(waiter.request) for failed in unplaceable):
@@ -108,11 +113,9 @@ class Scheduler:
                 unplaceable.append(waiter.request)
             else:
                 waiter.placed.set_result(placed)
-        for waiter in kept:
-            heapq.heappush(queue, waiter)
+        queue[:] = kept
 
     def _forget(self, pool: str, waiter: _Waiter) -> None:
         queue = self._waiting.get(pool, [])
         if waiter in queue:
             queue.remove(waiter)
-            heapq.heapify(queue)
