@@ -6,7 +6,6 @@ so a producer never pays Ray's import.
 """
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
@@ -297,8 +296,3 @@ class SyncSwarmClient:
 
     def status(self) -> dict[str, Any]:
         return self._loop.run_until_complete(self._client.status())
-
-
-def deadline_in(seconds: float) -> float:
-    """A `deadline` value `seconds` from now (unix seconds)."""
-    return time.time() + seconds

@@ -102,10 +102,6 @@ class Ingress:
         self.redelivered = 0
         self.sessions = 0
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
     async def start(self) -> None:
         """Open the first session (raising AmqpUnavailable if RabbitMQ is not there), then
         watch it and reconnect whenever it drops."""

@@ -20,13 +20,5 @@ class WorkerLost(WorkerError):
         self.reason = reason
 
 
-class RunTimedOut(WorkerError):
-    """A run went past its `timeout_s` and was stopped."""
-
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__(f"run exceeded its time limit of {timeout_s:g} s and was stopped")
-        self.timeout_s = timeout_s
-
-
 class PoolStartError(WorkerError):
     """A pool's actors could not be created on the cluster."""
