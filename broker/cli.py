@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import sys
 from typing import Annotated, Any
 
@@ -43,6 +44,12 @@ def run() -> None:
         _run_async(Daemon(settings).serve())
     except SwarmError as exc:
         _fail(exc)
+    # Everything is drained, closed and disconnected by now. Skip the interpreter's own
+    # teardown: Ray's native threads can abort it (SIGABRT) while modules are torn down,
+    # which would turn a clean stop into exit status -6.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command()

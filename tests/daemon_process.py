@@ -23,6 +23,7 @@ class DaemonProcess:
         self.env.update({f"SWARM_{key.upper()}": str(value) for key, value in settings.items()})
         self.process: asyncio.subprocess.Process | None = None
         self.log: list[dict[str, Any]] = []
+        self.other: list[str] = []
         self._logged = asyncio.Condition()
 
     async def start(self, timeout_s: float = 120.0) -> "DaemonProcess":
@@ -43,7 +44,8 @@ class DaemonProcess:
             try:
                 entry = json.loads(line)
             except ValueError:
-                continue  # Ray's own plain-text lines
+                self.other.append(line.decode(errors="replace").rstrip())  # Ray's own lines
+                continue
             async with self._logged:
                 self.log.append(entry)
                 self._logged.notify_all()

@@ -198,7 +198,7 @@ async def test_sigterm_mid_batch(amqp_url: str, ray_address: str, producer: RawP
     await _publish_batch(producer, tally, inbox, CHAOS_TASKS)
     await inbox.wait_until(lambda _: len(tally.answered()) >= CHAOS_TASKS // 5)
     daemon.terminate()
-    assert await daemon.wait(timeout_s=120) == 0
+    assert await daemon.wait(timeout_s=120) == 0, "\n".join(daemon.other[-30:])
     successor = await DaemonProcess(amqp_url, ray_address).start()
     try:
         await tally.all_answered()
