@@ -50,6 +50,3 @@ class ActiveTasks:
             active.cancel_requested = True
             active.worker.cancel("cancelled by a control request")
         return state
-
-    def __len__(self) -> int:
-        return len(self._by_id)

@@ -108,9 +108,6 @@ class OutcomeStore:
     def memory_bytes(self) -> int:
         return self._bytes
 
-    def __len__(self) -> int:
-        return len(self._outcomes)
-
     # -- writes ------------------------------------------------------------------------------
     @staticmethod
     def batch_record(records: list[bytes]) -> bytes:

@@ -34,6 +34,7 @@ class PoolSet:
         self._specs = {spec.name: spec for spec in specs}
         self._handler_modules = list(handler_modules)
         self._pools: dict[str, RayActorPool] = {}
+        self._running: dict[str, PoolSpec] = {}
         self._scheduler = scheduler
         self._ledger: Ledger = scheduler.ledger
         self._idle_s = idle_s
@@ -49,7 +50,9 @@ class PoolSet:
 
     @property
     def running(self) -> dict[str, PoolSpec]:
-        return {name: pool.spec for name, pool in self._pools.items()}
+        """The pools started, by name. Read for every task's placement, so it is built once,
+        when the pools start (the set of pools never changes afterwards)."""
+        return self._running
 
     def actors(self, name: str) -> list[ActorInfo]:
         return self._pools[name].actors
@@ -70,6 +73,7 @@ class PoolSet:
                 continue
             pool = RayActorPool(spec, self._handler_modules)
             self._pools[spec.name] = pool
+            self._running[spec.name] = spec
             for info in await pool.start():
                 self._ledger.add_actor(info)
             log.info(
