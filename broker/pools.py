@@ -101,9 +101,18 @@ class PoolSet:
             self._scheduler.wake(name)  # a node that joined may be where waiters fit
 
     async def run(
-        self, actor: ActorInfo, handler: str, task_type: str, args: object, timeout_s: float | None
+        self,
+        actor: ActorInfo,
+        handler: str,
+        task_type: str,
+        args: object,
+        timeout_s: float | None,
+        *,
+        coalesce: bool = False,
     ) -> RunOutcome:
-        return await self._pools[actor.pool].run(actor.key, handler, task_type, args, timeout_s)
+        return await self._pools[actor.pool].run(
+            actor.key, handler, task_type, args, timeout_s, coalesce=coalesce
+        )
 
     def actor_lost(self, actor: ActorInfo) -> None:
         """Drop a dead actor from its pool and the ledger; the sizing loop replaces it."""

@@ -180,6 +180,8 @@ class TaskProcessor:
             self._settings.default_max_retries if task.max_retries is None else task.max_retries
         )
         ran_ms = 0.0
+        spec = self._registry.get(task.handler)
+        coalesce = spec is not None and spec.is_inline
         while True:
             actor = await self._scheduler.acquire(pool, request, task.priority or 0, delivery.queue)
             started = time.monotonic()
@@ -190,7 +192,7 @@ class TaskProcessor:
                 active.attempts += 1
                 active.running = True
                 result = await self._pools.run(
-                    actor, task.handler, task.type, task.args, task.timeout_s
+                    actor, task.handler, task.type, task.args, task.timeout_s, coalesce=coalesce
                 )
             except WorkerLost as error:
                 lost = error

@@ -74,6 +74,11 @@ class WorkerActor:
             )
         return RunOutcome(ok=True, payload=payload, run_ms=run_ms)
 
+    async def run_many(self, calls: list[tuple[str, str, Any, float | None]]) -> list[RunOutcome]:
+        """Several runs in one call (workers/coalescing.py), one after another: only inline
+        handlers are coalesced, and they return at once."""
+        return [await self.run(*call) for call in calls]
+
     async def _call(self, spec: HandlerSpec, args: Any) -> Any:
         if spec.batch_max is not None:
             batcher = self._batchers.get(spec.name)

@@ -32,6 +32,11 @@ class HandlerSpec:
     batch_max: int | None = None
     batch_wait_s: float = 0.0
 
+    @property
+    def is_inline(self) -> bool:
+        """Runs on the actor's event loop and returns at once: no thread, no batch, no await."""
+        return not self.is_async and not self.blocking and self.batch_max is None
+
 
 def handler(
     name: str | None = None,

@@ -1,0 +1,48 @@
+"""Coalesced runs on a real Ray actor: one call carries many runs, each gets its own result."""
+
+import asyncio
+from typing import Any
+
+import msgpack
+import pytest
+from ray.cluster_utils import Cluster
+
+from workers.actor import WorkerActor
+from workers.coalescing import CallCoalescer
+
+RUNS = 200
+
+
+@pytest.fixture
+def actor(ray_cluster: Cluster) -> Any:
+    import ray
+
+    handle = (
+        ray.remote(WorkerActor)
+        .options(num_cpus=0.1, max_restarts=0)
+        .remote("cpu", ["workers.builtin"])
+    )
+    ray.get(handle.describe.remote())
+    yield handle
+    ray.kill(handle, no_restart=True)
+
+
+async def test_many_runs_travel_in_few_calls_each_with_its_own_result(actor: Any) -> None:
+    coalescer = CallCoalescer(actor)
+    waiters = [coalescer.submit(("echo", "inference", {"n": n}, None)) for n in range(RUNS)]
+    outcomes = await asyncio.gather(*waiters)
+    assert [msgpack.unpackb(o.payload) for o in outcomes] == [{"n": n} for n in range(RUNS)]
+    assert all(o.ok for o in outcomes)
+    print(f"runs={RUNS} ray calls={coalescer.calls_sent}")
+    assert coalescer.calls_sent < RUNS / 10
+
+
+async def test_a_killed_actor_fails_every_queued_run(actor: Any) -> None:
+    import ray
+    import ray.exceptions
+
+    ray.kill(actor, no_restart=True)
+    coalescer = CallCoalescer(actor)
+    waiters = [coalescer.submit(("echo", "inference", n, None)) for n in range(5)]
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, ray.exceptions.RayActorError) for r in results), results
