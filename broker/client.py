@@ -6,8 +6,9 @@ so a producer never pays Ray's import.
 """
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -27,8 +28,15 @@ from broker.errors import BrokerError
 from broker.session import CONNECTION_ERRORS
 from broker.topology import declare
 from schemas.codec import decode, encode
+from schemas.progress import PROGRESS_STATUS, ProgressMessage
 from schemas.reply import Reply
-from schemas.topology import CONTENT_TYPE, CONTROL_QUEUE, PROTOCOL_VERSION
+from schemas.topology import (
+    CONTENT_TYPE,
+    CONTROL_QUEUE,
+    PROGRESS_HEADER,
+    PROTOCOL_VERSION,
+    STATUS_HEADER,
+)
 
 REPLY_QUEUE_EXPIRES_MS = 30 * 60 * 1000
 PUBLISH_ATTEMPTS = 8
@@ -53,6 +61,7 @@ class SwarmClient:
         self._tasks: AbstractExchange | None = None
         self._replies: AbstractQueue | None = None
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._progress_listeners: dict[str, Callable[[ProgressMessage], None]] = {}
         # Named once: the same queue is consumed again after a reconnect.
         self._reply_queue = f"swarm.reply.{uuid.uuid4().hex}"
         self._ready = asyncio.Event()
@@ -124,7 +133,15 @@ class SwarmClient:
             self._connection = None
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        future = self._waiting.pop(message.correlation_id or "", None)
+        correlation_id = message.correlation_id or ""
+        if (message.headers or {}).get(STATUS_HEADER) == PROGRESS_STATUS:
+            listener = self._progress_listeners.get(correlation_id)
+            if listener is not None:
+                with contextlib.suppress(Exception):  # a bad report must not end the wait
+                    listener(ProgressMessage.model_validate(decode(message.body)))
+            return
+        self._progress_listeners.pop(correlation_id, None)
+        future = self._waiting.pop(correlation_id, None)
         if future is None or future.done():
             return  # a duplicate reply, or one for a task we stopped waiting for
         try:
@@ -144,9 +161,13 @@ class SwarmClient:
         args: Any = None,
         *,
         task_id: str | None = None,
+        on_progress: Callable[[ProgressMessage], None] | None = None,
         **fields: Any,
     ) -> "asyncio.Future[Reply]":
-        """Publish one task (confirmed by RabbitMQ) and return a future of its reply."""
+        """Publish one task (confirmed by RabbitMQ) and return a future of its reply.
+
+        With `on_progress`, the task asks for progress messages and each one the handler
+        reports is handed to it (best effort: some may be missed, the reply never is)."""
         _, tasks, replies = self._require()
         task_id = task_id or uuid.uuid4().hex
         body: dict[str, Any] = {
@@ -160,6 +181,10 @@ class SwarmClient:
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[correlation_id] = future
+        if on_progress is not None:
+            self._progress_listeners[correlation_id] = on_progress
+        # A reply that never comes (the wait timed out or was cancelled) leaves nothing behind.
+        future.add_done_callback(lambda _: self._forget(correlation_id))
         message = aio_pika.Message(
             encode(body),
             content_type=CONTENT_TYPE,
@@ -167,16 +192,23 @@ class SwarmClient:
             correlation_id=correlation_id,
             reply_to=replies.name,
             delivery_mode=DeliveryMode.PERSISTENT,
+            headers={PROGRESS_HEADER: True} if on_progress is not None else None,
         )
         try:
             confirmation = await self._publish(tasks, message, task_type)
         except Exception as exc:
             self._waiting.pop(correlation_id, None)
+            self._progress_listeners.pop(correlation_id, None)
             raise SubmitError(f"task {task_id} was not accepted by RabbitMQ: {exc}") from exc
         if isinstance(confirmation, DeliveredMessage):
             self._waiting.pop(correlation_id, None)
+            self._progress_listeners.pop(correlation_id, None)
             raise SubmitError(f"task {task_id} was unroutable: no queue for type {task_type!r}")
         return future
+
+    def _forget(self, correlation_id: str) -> None:
+        self._waiting.pop(correlation_id, None)
+        self._progress_listeners.pop(correlation_id, None)
 
     async def _publish(
         self, tasks: AbstractExchange, message: aio_pika.Message, task_type: str

@@ -67,6 +67,7 @@ class Daemon:
         )
         self.scheduler.on_tag_waiting = self._ingress.on_waiting
         tasks.renew = self._ingress.renew
+        tasks.publish_progress = self._ingress.publish_progress
         await self._ingress.start()
         self._refresher = asyncio.create_task(self._refresh_nodes())
         log.info("daemon ready", pools=sorted(self.pools.names), handlers=self.registry.names())

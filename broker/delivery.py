@@ -3,6 +3,8 @@
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from schemas.topology import PROGRESS_HEADER
+
 # Header on a copy of a long-running task that the daemon republished to renew its hold on it.
 LEASE_HEADER = "x-swarm-lease"
 
@@ -37,6 +39,16 @@ class Delivery:
         headers = self.properties.get("headers") or {}
         value = headers.get(LEASE_HEADER, 0)
         return value if isinstance(value, int) else 0
+
+    @property
+    def wants_progress(self) -> bool:
+        """The producer asked for progress messages (and has a reply queue to get them)."""
+        headers = self.properties.get("headers") or {}
+        value = headers.get(PROGRESS_HEADER)
+        if isinstance(value, bytes):
+            value = value.decode(errors="replace")
+        wanted = value is True or value == 1 or str(value).lower() in ("1", "true")
+        return wanted and self.reply_to is not None
 
     @property
     def content_type(self) -> str | None:

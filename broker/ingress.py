@@ -94,6 +94,7 @@ class Ingress:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._consumers: dict[str, _Consumer] = {}
         self._session: AmqpSession | None = None
+        self._progress_sends: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
@@ -247,6 +248,23 @@ class Ingress:
                     "publish interrupted by a lost connection; will publish again", error=str(exc)
                 )
                 await asyncio.sleep(0)
+
+    def publish_progress(self, delivery: Delivery, body: bytes) -> None:
+        """Send a progress message in the background; one lost with a connection is not
+        sent again (the final reply is what is guaranteed)."""
+        session = self._session
+        if session is None or session.lost.is_set():
+            return
+
+        async def send() -> None:
+            try:
+                await session.publisher.publish_progress(delivery, body)
+            except Exception as exc:
+                log.debug("progress message not sent", error=str(exc))
+
+        task = asyncio.ensure_future(send())
+        self._progress_sends.add(task)
+        task.add_done_callback(self._progress_sends.discard)
 
     async def renew(self, delivery: Delivery, lease: int) -> None:
         """Put a renewal copy of a long task's message on its queue (confirmed)."""

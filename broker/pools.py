@@ -8,6 +8,7 @@ with room, up to its maximum, and retires actors idle for `pool_idle_s` down to 
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import structlog
 
@@ -108,10 +109,34 @@ class PoolSet:
         args: object,
         timeout_s: float | None,
         *,
+        task_id: str = "",
+        attempt: int = 1,
         coalesce: bool = False,
     ) -> RunOutcome:
         return await self._pools[actor.pool].run(
-            actor.key, handler, task_type, args, timeout_s, coalesce=coalesce
+            actor.key,
+            handler,
+            task_type,
+            args,
+            timeout_s,
+            task_id=task_id,
+            attempt=attempt,
+            coalesce=coalesce,
+        )
+
+    async def run_streaming(
+        self,
+        actor: ActorInfo,
+        handler: str,
+        task_type: str,
+        args: object,
+        timeout_s: float | None,
+        task_id: str,
+        attempt: int,
+        on_progress: Callable[[bytes], None],
+    ) -> RunOutcome:
+        return await self._pools[actor.pool].run_streaming(
+            actor.key, handler, task_type, args, timeout_s, task_id, attempt, on_progress
         )
 
     def actor_lost(self, actor: ActorInfo) -> None:

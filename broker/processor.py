@@ -5,6 +5,7 @@ calls `settled` once that is done.
 """
 
 import asyncio
+import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,8 @@ from broker.placement import PlacementRules
 from broker.pools import PoolSet
 from broker.scheduler import Scheduler
 from broker.settings import Settings
+from schemas.codec import decode, encode
+from schemas.progress import ProgressMessage
 from schemas.task import TaskMessage
 from workers.errors import WorkerLost
 from workers.pool import ActorInfo
@@ -48,6 +51,8 @@ class TaskProcessor:
         self._rules = PlacementRules(settings)
         self.active = ActiveTasks()
         self.renew: Callable[[Delivery, int], Awaitable[None]] = _cannot_renew
+        # Best effort, never awaited: a progress message must not hold up the task.
+        self.publish_progress: Callable[[Delivery, bytes], None] = lambda delivery, body: None
 
     async def process(self, delivery: Delivery) -> Outcome:
         routing_type = delivery.task_type or "unknown"
@@ -182,6 +187,7 @@ class TaskProcessor:
         ran_ms = 0.0
         spec = self._registry.get(task.handler)
         coalesce = spec is not None and spec.is_inline
+        streaming = spec is not None and spec.wants_context and delivery.wants_progress
         while True:
             actor = await self._scheduler.acquire(pool, request, task.priority or 0, delivery.queue)
             started = time.monotonic()
@@ -191,9 +197,28 @@ class TaskProcessor:
                     return self._expired(task, active.attempts, _ms_since(delivery) - ran_ms)
                 active.attempts += 1
                 active.running = True
-                result = await self._pools.run(
-                    actor, task.handler, task.type, task.args, task.timeout_s, coalesce=coalesce
-                )
+                if streaming:
+                    result = await self._pools.run_streaming(
+                        actor,
+                        task.handler,
+                        task.type,
+                        task.args,
+                        task.timeout_s,
+                        task.id,
+                        active.attempts,
+                        self._progress_reporter(delivery, task.id, active.attempts),
+                    )
+                else:
+                    result = await self._pools.run(
+                        actor,
+                        task.handler,
+                        task.type,
+                        task.args,
+                        task.timeout_s,
+                        task_id=task.id,
+                        attempt=active.attempts,
+                        coalesce=coalesce,
+                    )
             except WorkerLost as error:
                 lost = error
                 ran_ms += (time.monotonic() - started) * 1000.0
@@ -258,6 +283,20 @@ class TaskProcessor:
                 queued_ms=queued_ms,
                 run_ms=result.run_ms,
             )
+
+    def _progress_reporter(
+        self, delivery: Delivery, task_id: str, attempt: int
+    ) -> Callable[[bytes], None]:
+        """Turns one run's progress reports into progress messages (schemas/progress.py)."""
+        seq = itertools.count(1)
+
+        def report(data: bytes) -> None:
+            message = ProgressMessage(
+                id=task_id, progress=decode(data), seq=next(seq), attempt=attempt
+            )
+            self.publish_progress(delivery, encode(message.model_dump(mode="python")))
+
+        return report
 
     def _retire_if_stuck(self, task: TaskMessage, actor: ActorInfo) -> None:
         """A sync handler on a thread goes on after a time limit or a cancel: retire its actor."""

@@ -11,6 +11,7 @@ from aiormq.abc import DeliveredMessage
 from broker.delivery import LEASE_HEADER, Delivery
 from broker.outcome import Outcome
 from broker.outcomes import OUTCOMES_QUEUE, OutcomeStore
+from schemas.progress import PROGRESS_STATUS
 from schemas.topology import (
     ATTEMPTS_HEADER,
     CONTENT_TYPE,
@@ -107,6 +108,23 @@ class Publisher:
             extra[UNDELIVERED_REPLY_HEADER] = reply_to
             message = message or f"reply to {reply_to!r} was returned: no such queue"
         await self._publish_dead(delivery, outcome, code, message, extra)
+
+    async def publish_progress(self, delivery: Delivery, body: bytes) -> None:
+        """A progress message to `reply_to`: transient and not mandatory (best effort)."""
+        assert delivery.reply_to is not None
+        channel = await self._channel.get_underlay_channel()
+        await channel.basic_publish(
+            body,
+            exchange="",
+            routing_key=delivery.reply_to,
+            properties=aiormq.spec.Basic.Properties(
+                content_type=CONTENT_TYPE,
+                correlation_id=delivery.correlation_id or delivery.message_id,
+                headers={STATUS_HEADER: PROGRESS_STATUS},
+                delivery_mode=1,
+            ),
+            mandatory=False,
+        )
 
     async def republish(self, delivery: Delivery, lease: int) -> None:
         """A copy of the task message, unchanged but for the lease header, on its own queue."""

@@ -5,6 +5,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from schemas.control import ControlRequest
+from schemas.progress import ProgressMessage
 from schemas.reply import Reply
 from schemas.task import TaskMessage
 from schemas.topology import CONTENT_TYPE, PROTOCOL_VERSION
@@ -17,5 +18,6 @@ def wire_schema() -> dict[str, Any]:
         "description": f"Bodies are msgpack maps ({CONTENT_TYPE}); types as in JSON Schema.",
         "task": TaskMessage.model_json_schema(),
         "reply": Reply.model_json_schema(),
+        "progress": ProgressMessage.model_json_schema(),
         "control": TypeAdapter(ControlRequest).json_schema(),
     }

@@ -20,6 +20,10 @@ SOURCE_QUEUE_HEADER: Final = "x-swarm-source-queue"
 ATTEMPTS_HEADER: Final = "x-swarm-attempts"
 # Swarm's addition to the dead-letter headers: set when the reply could not reach `reply_to`.
 UNDELIVERED_REPLY_HEADER: Final = "x-swarm-reply-undeliverable"
+# On a task message: the producer wants `progress` messages on its reply queue (any of
+# true, 1, "1", "true"). Opt-in, so a producer written from the contract alone, which takes
+# the first message with its correlation_id as the reply, never sees one.
+PROGRESS_HEADER: Final = "x-swarm-progress"
 # The original `user_id` property moves here: RabbitMQ refuses a publish whose user_id is not
 # the publishing connection's own user, so the property itself cannot be kept.
 ORIGINAL_USER_HEADER: Final = "x-swarm-original-user-id"

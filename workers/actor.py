@@ -1,14 +1,23 @@
 """The worker actor: one process of a pool, running registered handlers by name."""
 
 import asyncio
+import dataclasses
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-from schemas.codec import encode
+import pydantic
+
 from workers.batching import Batcher
+from workers.context import ActorContext, ProgressSink, TaskContext, no_progress
 from workers.outcome import RunOutcome
 from workers.registry import HandlerSpec, load_handlers
+from workers.results import encode_result
+from workers.setups import Setups
 from workers.signals import Retry
+
+# What `run_streaming` yields before its final RunOutcome: ("progress", msgpack bytes).
+PROGRESS = "progress"
 
 
 class WorkerActor:
@@ -20,15 +29,30 @@ class WorkerActor:
 
         self._pool = pool
         self._registry = load_handlers(handler_modules)
-        self._node_id: str = ray.get_runtime_context().get_node_id()
+        context = ray.get_runtime_context()
+        self._node_id: str = context.get_node_id()
+        gpu_ids = context.get_accelerator_ids().get("GPU", [])
+        self._actor = ActorContext(pool=pool, node_id=self._node_id, gpu_ids=tuple(gpu_ids))
+        self._setups = Setups(self._actor)
         self._batchers: dict[str, Batcher] = {}
 
     def describe(self) -> dict[str, Any]:
         """Where the actor runs and what it can do; also serves as the readiness probe."""
-        return {"node_id": self._node_id, "handlers": self._registry.names()}
+        return {
+            "node_id": self._node_id,
+            "handlers": self._registry.names(),
+            "gpu_ids": list(self._actor.gpu_ids),
+        }
 
     async def run(
-        self, handler: str, task_type: str, args: Any, timeout_s: float | None
+        self,
+        handler: str,
+        task_type: str,
+        args: Any,
+        timeout_s: float | None,
+        task_id: str = "",
+        attempt: int = 1,
+        progress: ProgressSink | None = None,
     ) -> RunOutcome:
         spec = self._registry.get(handler)
         if spec is None or task_type not in spec.task_types:
@@ -37,9 +61,20 @@ class WorkerActor:
                 error_code="unknown_handler",
                 error_message=f"handler {handler!r} is not registered for {task_type!r} here",
             )
+        if spec.args_model is not None:
+            try:
+                args = spec.args_model.model_validate(args)
+            except pydantic.ValidationError as exc:
+                return RunOutcome(
+                    ok=False,
+                    error_code="invalid",
+                    error_message=f"args do not fit handler {handler!r}: {exc}",
+                )
         started = time.perf_counter()
         try:
-            value = await asyncio.wait_for(self._call(spec, args), timeout_s)
+            value = await asyncio.wait_for(
+                self._call(spec, args, task_type, task_id, attempt, progress), timeout_s
+            )
         except Retry as signal:
             return RunOutcome(
                 ok=False,
@@ -64,7 +99,7 @@ class WorkerActor:
             )
         run_ms = _ms_since(started)
         try:
-            payload = encode(value)
+            payload = encode_result(value)
         except Exception as exc:
             return RunOutcome(
                 ok=False,
@@ -74,22 +109,83 @@ class WorkerActor:
             )
         return RunOutcome(ok=True, payload=payload, run_ms=run_ms)
 
+    async def run_streaming(
+        self,
+        handler: str,
+        task_type: str,
+        args: Any,
+        timeout_s: float | None,
+        task_id: str,
+        attempt: int,
+    ) -> AsyncIterator[Any]:
+        """`run`, yielding the handler's progress reports ("progress", msgpack bytes) as they
+        come, then the RunOutcome. Called with `num_returns="streaming"` for tasks whose
+        producer asked for progress."""
+        reports: asyncio.Queue[bytes] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def sink(data: Any) -> None:
+            # Encoded here, in the reporting thread, so that a bad value fails the handler's
+            # own call; queued through the loop, since sync handlers report from a thread.
+            loop.call_soon_threadsafe(reports.put_nowait, encode_result(data))
+
+        run = asyncio.ensure_future(
+            self.run(handler, task_type, args, timeout_s, task_id, attempt, sink)
+        )
+        try:
+            while not run.done():
+                report = asyncio.ensure_future(reports.get())
+                await asyncio.wait({run, report}, return_when=asyncio.FIRST_COMPLETED)
+                if report.done():
+                    yield (PROGRESS, report.result())
+                else:
+                    report.cancel()
+            while not reports.empty():
+                yield (PROGRESS, reports.get_nowait())
+            yield run.result()
+        finally:
+            run.cancel()  # a no-op once done; stops the handler when the call was cancelled
+
     async def run_many(self, calls: list[tuple[str, str, Any, float | None]]) -> list[RunOutcome]:
         """Several runs in one call (workers/coalescing.py), one after another: only inline
         handlers are coalesced, and they return at once."""
         return [await self.run(*call) for call in calls]
 
-    async def _call(self, spec: HandlerSpec, args: Any) -> Any:
+    async def _call(
+        self,
+        spec: HandlerSpec,
+        args: Any,
+        task_type: str,
+        task_id: str,
+        attempt: int,
+        progress: ProgressSink | None,
+    ) -> Any:
+        state = await self._setups.state_for(spec)
         if spec.batch_max is not None:
             batcher = self._batchers.get(spec.name)
             if batcher is None:
-                batcher = self._batchers[spec.name] = Batcher(spec)
+                context = dataclasses.replace(self._actor, state=state)
+                batcher = self._batchers[spec.name] = Batcher(spec, context)
             return await batcher.submit(args)
+        call_args: tuple[Any, ...] = (args,)
+        if spec.wants_context:
+            actor = self._actor
+            context = TaskContext(
+                pool=actor.pool,
+                node_id=actor.node_id,
+                gpu_ids=actor.gpu_ids,
+                state=state,
+                task_id=task_id,
+                task_type=task_type,
+                attempt=attempt,
+                _sink=progress or no_progress,
+            )
+            call_args = (args, context)
         if spec.is_async:
-            return await spec.func(args)
+            return await spec.func(*call_args)
         if not spec.blocking:
-            return spec.func(args)
-        return await asyncio.to_thread(spec.func, args)
+            return spec.func(*call_args)
+        return await asyncio.to_thread(spec.func, *call_args)
 
 
 def _ms_since(started: float) -> float:

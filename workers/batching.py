@@ -9,13 +9,16 @@ one GPU call; each result still goes to its own task's reply.
 import asyncio
 from typing import Any
 
+from workers.context import ActorContext
 from workers.registry import HandlerSpec
 
 
 class Batcher:
-    def __init__(self, spec: HandlerSpec) -> None:
+    def __init__(self, spec: HandlerSpec, context: ActorContext) -> None:
         assert spec.batch_max is not None
         self._spec = spec
+        # One call serves many tasks, so a batch handler's context is the actor's, not a task's.
+        self._call_args: tuple[Any, ...] = (context,) if spec.wants_context else ()
         self._max = spec.batch_max
         self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
         self._timer: asyncio.Handle | None = None
@@ -48,9 +51,9 @@ class Batcher:
         items = [args for args, _ in batch]
         try:
             if self._spec.is_async:
-                results = await self._spec.func(items)
+                results = await self._spec.func(items, *self._call_args)
             else:
-                results = await asyncio.to_thread(self._spec.func, items)
+                results = await asyncio.to_thread(self._spec.func, items, *self._call_args)
             if not isinstance(results, list) or len(results) != len(items):
                 raise TypeError(
                     f"batch handler {self._spec.name!r} must return a list of {len(items)} "

@@ -6,6 +6,9 @@ import os
 import time
 from typing import Any
 
+from pydantic import BaseModel
+
+from workers.context import ActorContext, TaskContext
 from workers.registry import handler
 from workers.signals import Retry
 
@@ -109,3 +112,60 @@ def block(args: Any) -> Any:
 async def batch_echo(items: list[Any]) -> list[Any]:
     """A batch handler: each result carries the size of the batch its item ran in."""
     return [{"item": item, "batch": len(items)} for item in items]
+
+
+# -- the handler SDK, exercised ---------------------------------------------------------------
+class Point(BaseModel):
+    x: float
+    y: float
+
+
+@handler("typed_norm")
+def typed_norm(point: Point) -> Any:
+    """Typed args: `point` arrives validated; args that do not fit are answered `invalid`."""
+    return {"norm": (point.x**2 + point.y**2) ** 0.5, "model": type(point).__name__}
+
+
+def _count_setup(actor: ActorContext) -> Any:
+    """A stand-in for loading a model: how often it ran in this process, and where."""
+    _setups_run.append(actor.pool)
+    return {"loaded_in": os.getpid(), "setups_in_this_actor": len(_setups_run)}
+
+
+_setups_run: list[str] = []
+
+
+@handler("with_setup", setup=_count_setup)
+def with_setup(args: Any, ctx: TaskContext) -> Any:
+    return {
+        "state": ctx.state,
+        "pid": os.getpid(),
+        "task_id": ctx.task_id,
+        "task_type": ctx.task_type,
+        "attempt": ctx.attempt,
+        "gpu_ids": list(ctx.gpu_ids),
+        "device": ctx.device,
+        "pool": ctx.pool,
+    }
+
+
+@handler("steps")
+def steps(args: Any, ctx: TaskContext) -> Any:
+    """Reports `args.steps` progress messages from a thread, then returns."""
+    for step in range(1, int(args["steps"]) + 1):
+        ctx.progress({"step": step, "of": int(args["steps"])})
+    return {"done": int(args["steps"])}
+
+
+@handler("async_steps")
+async def async_steps(args: Any, ctx: TaskContext) -> Any:
+    for step in range(1, int(args["steps"]) + 1):
+        ctx.progress({"step": step})
+        await asyncio.sleep(0)
+    return {"done": int(args["steps"])}
+
+
+@handler("batch_typed", batch_max=8, batch_wait_ms=50, setup=_count_setup)
+def batch_typed(points: list[Point], ctx: ActorContext) -> list[Any]:
+    """A typed batch handler with a set-up: one call, one state, many tasks."""
+    return [{"sum": p.x + p.y, "batch": len(points), "state": ctx.state} for p in points]

@@ -2,6 +2,7 @@
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +103,8 @@ class RayActorPool:
         args: Any,
         timeout_s: float | None,
         *,
+        task_id: str = "",
+        attempt: int = 1,
         coalesce: bool = False,
     ) -> RunOutcome:
         """Run one task on the actor `key`. Raises WorkerLost if the actor dies under it.
@@ -125,7 +128,7 @@ class RayActorPool:
                     coalescer = self._coalescers[key] = CallCoalescer(handle)
                 outcome: RunOutcome = await coalescer.submit(call)
             else:
-                ref = handle.run.remote(*call)
+                ref = handle.run.remote(*call, task_id, attempt)
                 outcome = await ref
         except asyncio.CancelledError:
             # Our caller gave up (a cancel, or shutdown): stop the run in the actor too. An
@@ -140,6 +143,42 @@ class RayActorPool:
             # Only BaseExceptions (SystemExit, KeyboardInterrupt) escape WorkerActor.run.
             return RunOutcome(ok=False, error_code="handler_error", error_message=str(exc.cause))
         return outcome
+
+    async def run_streaming(
+        self,
+        key: str,
+        handler: str,
+        task_type: str,
+        args: Any,
+        timeout_s: float | None,
+        task_id: str,
+        attempt: int,
+        on_progress: Callable[[bytes], None],
+    ) -> RunOutcome:
+        """`run`, handing each progress report (msgpack bytes) to `on_progress` as it comes."""
+        import ray.exceptions
+
+        handle = self._handles.get(key)
+        if handle is None:
+            raise WorkerLost(key, "the actor was already removed from its pool")
+        stream = handle.run_streaming.options(num_returns="streaming").remote(
+            handler, task_type, args, timeout_s, task_id, attempt
+        )
+        try:
+            async for ref in stream:
+                item = await ref
+                if isinstance(item, RunOutcome):
+                    return item
+                _, report = item
+                on_progress(report)
+        except asyncio.CancelledError:
+            ray.cancel(stream)
+            raise
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            raise WorkerLost(key, type(exc).__name__) from exc
+        except ray.exceptions.RayTaskError as exc:
+            return RunOutcome(ok=False, error_code="handler_error", error_message=str(exc.cause))
+        raise WorkerLost(key, "the actor's stream ended without an outcome")
 
     def remove(self, key: str) -> ActorInfo | None:
         """Forget an actor (lost, or idle and retired) and make sure its process is gone."""

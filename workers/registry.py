@@ -7,9 +7,12 @@ ever imported: a message can only pick among what was loaded at start.
 
 import importlib
 import inspect
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from schemas.topology import TASK_TYPES
 from workers.errors import HandlerConfigError
@@ -31,11 +34,26 @@ class HandlerSpec:
     # Batch handlers take a list of args and return a list of results (workers/batching.py).
     batch_max: int | None = None
     batch_wait_s: float = 0.0
+    # A pydantic model the args are validated into (from the first parameter's annotation;
+    # `list[Model]` for batch handlers). Args that do not fit are answered `invalid`.
+    args_model: type[BaseModel] | None = None
+    # The handler takes a second parameter: a workers.context.TaskContext (ActorContext for
+    # batch handlers, whose one call serves many tasks).
+    wants_context: bool = False
+    # Called once per actor, before the first run (workers/context.py: its result is
+    # `ctx.state`); handlers naming the same setup share its result.
+    setup: Callable[[Any], Any] | None = None
 
     @property
     def is_inline(self) -> bool:
         """Runs on the actor's event loop and returns at once: no thread, no batch, no await."""
-        return not self.is_async and not self.blocking and self.batch_max is None
+        return (
+            not self.is_async
+            and not self.blocking
+            and self.batch_max is None
+            and not self.wants_context
+            and self.args_model is None
+        )
 
 
 def handler(
@@ -45,12 +63,18 @@ def handler(
     blocking: bool = True,
     batch_max: int | None = None,
     batch_wait_ms: float = 5.0,
+    setup: Callable[[Any], Any] | None = None,
 ) -> Callable[[F], F]:
     """Mark a function as a Swarm handler for the given task types (all three by default).
 
     A sync handler runs on a thread unless `blocking=False` says it returns at once. With
     `batch_max`, the function takes a list of args and returns a list of results: runs that
     arrive within `batch_wait_ms` of each other (up to `batch_max`) go to it as one call.
+
+    The first parameter annotated with a pydantic model (`list[Model]` for batch handlers)
+    gets the args validated into it. A second parameter gets a workers.context object.
+    `setup(actor_context)` runs once per actor before the first run (sync ones on a thread):
+    load a model there, and read it as `ctx.state`.
     """
     if batch_max is not None and batch_max < 1:
         raise HandlerConfigError(f"batch_max must be at least 1, got {batch_max}")
@@ -64,6 +88,7 @@ def handler(
         )
 
     def mark(func: F) -> F:
+        args_model, wants_context = _inspect_signature(func, batch=batch_max is not None)
         spec = HandlerSpec(
             name=name or func.__name__,
             func=func,
@@ -72,11 +97,42 @@ def handler(
             blocking=blocking,
             batch_max=batch_max,
             batch_wait_s=batch_wait_ms / 1000.0,
+            args_model=args_model,
+            wants_context=wants_context,
+            setup=setup,
         )
         setattr(func, _MARK, spec)
         return func
 
     return mark
+
+
+def _inspect_signature(func: Callable[..., Any], *, batch: bool) -> tuple[Any, bool]:
+    """The args model (if the first parameter is annotated with one) and whether the handler
+    takes a context, read once at registration."""
+    parameters = [
+        p
+        for p in inspect.signature(func).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if not parameters or len(parameters) > 2:
+        raise HandlerConfigError(
+            f"handler {func.__name__!r} must take (args) or (args, ctx), "
+            f"not {len(parameters)} positional parameters"
+        )
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception as exc:
+        raise HandlerConfigError(
+            f"handler {func.__name__!r}: its annotations cannot be resolved: {exc}"
+        ) from exc
+    annotation = hints.get(parameters[0].name)
+    if batch and typing.get_origin(annotation) is list:
+        (annotation,) = typing.get_args(annotation) or (None,)
+    model = (
+        annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    )
+    return model, len(parameters) == 2
 
 
 class HandlerRegistry:
