@@ -1,15 +1,20 @@
-"""The `swarm` command: run the daemon, submit a task, show status, print the wire schema."""
+"""The `swarm` command: run the daemon, submit a task, backfill a file of tasks, show status,
+print the wire schema."""
 
 import asyncio
 import json
 import os
 import sys
-from typing import Annotated, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from broker.settings import Settings
 from schemas.errors import SwarmError
+
+if TYPE_CHECKING:
+    from broker.backfill import BackfillSummary
 
 app = typer.Typer(
     help="Swarm: a resource-aware task broker between RabbitMQ and Ray.",
@@ -83,6 +88,120 @@ def submit(
     typer.echo(json.dumps(result, indent=2, default=str))
     if result["status"] != "ok":
         raise typer.Exit(code=2)
+
+
+@app.command()
+def backfill(
+    source: Annotated[Path, typer.Argument(metavar="FILE", help="JSONL file, one task per line")],
+    rate: Annotated[
+        float | None, typer.Option("--rate", help="send at most N tasks per second")
+    ] = None,
+    window: Annotated[int, typer.Option(help="at most N tasks unanswered at a time")] = 64,
+    state: Annotated[
+        Path | None,
+        typer.Option(help="ids already done, appended to (default: FILE.done)", show_default=False),
+    ] = None,
+    amqp_url: Annotated[
+        str | None,
+        typer.Option("--amqp-url", help="RabbitMQ URL (default: AMQP_URL)", show_default=False),
+    ] = None,
+    wait_s: Annotated[
+        float | None,
+        typer.Option("--wait", help="seconds to wait for each reply (default: no limit)"),
+    ] = None,
+) -> None:
+    """Send every task of a JSONL file, resumably: a rerun skips the ids already done.
+
+    Exit status 0 when every line has a final outcome (error replies included), 1 when lines
+    were invalid or replies did not come, 2 when RabbitMQ could not be reached.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from broker.backfill import BackfillProgress
+    from broker.backfill import backfill as run_backfill
+    from broker.client import SubmitError, SwarmClient
+    from broker.errors import AmqpUnavailable
+
+    if not source.is_file():
+        _fail(FileNotFoundError(f"no such file: {source}"))
+    if rate is not None and rate <= 0:
+        _fail(ValueError(f"--rate must be > 0, not {rate:g}"))
+    if window < 1:
+        _fail(ValueError(f"--window must be >= 1, not {window}"))
+    url = amqp_url or Settings().amqp_url.get_secret_value()
+    bar = Progress(
+        TextColumn("backfill"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[counts]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+    line_bar = bar.add_task("backfill", total=None, counts="")
+
+    def on_progress(step: BackfillProgress) -> None:
+        counts = f"ok {step.ok}  error {step.errors}  skipped {step.skipped}"
+        if step.invalid:
+            counts += f"  invalid {step.invalid}"
+        bar.update(line_bar, total=step.total, completed=step.finished, counts=counts)
+
+    async def go() -> "BackfillSummary":
+        async with SwarmClient(url) as client:
+            return await run_backfill(
+                client,
+                source,
+                state=state,
+                rate_per_s=rate,
+                window=window,
+                on_progress=on_progress,
+                reply_timeout_s=wait_s,
+            )
+
+    try:
+        with bar:
+            summary = _run_async(go())
+    except (AmqpUnavailable, SubmitError) as exc:
+        typer.echo(f"swarm: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    except (SwarmError, OSError) as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        typer.echo("swarm: interrupted; run the same command again to resume", err=True)
+        raise typer.Exit(code=130) from None
+    _print_backfill(summary)
+    if not summary.complete:
+        raise typer.Exit(code=1)
+
+
+def _print_backfill(summary: "BackfillSummary") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="backfill", show_header=False)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("lines", str(summary.lines))
+    table.add_row("sent", str(summary.sent))
+    table.add_row("skipped (already done)", str(summary.skipped))
+    if summary.duplicates:
+        table.add_row("duplicates (same id)", str(summary.duplicates))
+    table.add_row("ok", str(summary.ok))
+    for code, count in sorted(summary.errors.items()):
+        table.add_row(f"error {code}", str(count))
+    table.add_row("invalid lines", str(len(summary.invalid)))
+    table.add_row("no reply", str(len(summary.missing)))
+    table.add_row("elapsed", f"{summary.elapsed_s:.1f} s")
+    table.add_row("rate", f"{summary.rate_per_s:.1f} replies/s")
+    console = Console()
+    console.print(table)
+    shown = 20
+    for invalid in summary.invalid[:shown]:
+        console.print(f"line {invalid.line}: {invalid.reason}", markup=False, highlight=False)
+    if len(summary.invalid) > shown:
+        console.print(f"... and {len(summary.invalid) - shown} more", highlight=False)
+    if summary.invalid or summary.errors or summary.missing:
+        console.print(f"details: {summary.errors_file}", markup=False, highlight=False)
 
 
 @app.command()

@@ -216,7 +216,11 @@ class SwarmClient:
         """Publish with confirms; while the connection is being restored, try again. Safe:
         the daemon answers a task id once, however often it is published."""
         for attempt in range(PUBLISH_ATTEMPTS):
-            await asyncio.wait_for(self._ready.wait(), PUBLISH_WAIT_S)
+            if not self._ready.is_set():
+                # Only when needed: on Python 3.11 wait_for can swallow a cancel that lands as
+                # its inner wait completes (CPython gh-86296), which would make a cancelled
+                # caller carry on.
+                await asyncio.wait_for(self._ready.wait(), PUBLISH_WAIT_S)
             assert self._tasks is not None
             try:
                 return await self._tasks.publish(message, task_type, mandatory=True)

@@ -32,7 +32,11 @@ class Daemon:
             settings.outcome_retention_s, settings.outcome_memory_mb * 1024 * 1024
         )
         self.pools = PoolSet(
-            settings.pool_specs(), settings.handler_modules, self.scheduler, settings.pool_idle_s
+            settings.pool_specs(),
+            settings.handler_modules,
+            self.scheduler,
+            settings.pool_idle_s,
+            actor_env=settings.actor_environment(),
         )
         self._ingress: Ingress | None = None
         self._stopped = asyncio.Event()

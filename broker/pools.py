@@ -31,9 +31,11 @@ class PoolSet:
         handler_modules: list[str],
         scheduler: Scheduler,
         idle_s: float = 60.0,
+        actor_env: dict[str, str] | None = None,
     ) -> None:
         self._specs = {spec.name: spec for spec in specs}
         self._handler_modules = list(handler_modules)
+        self._actor_env = dict(actor_env or {})
         self._pools: dict[str, RayActorPool] = {}
         self._running: dict[str, PoolSpec] = {}
         self._scheduler = scheduler
@@ -72,7 +74,7 @@ class PoolSet:
                     needs=spec.custom_resources,
                 )
                 continue
-            pool = RayActorPool(spec, self._handler_modules)
+            pool = RayActorPool(spec, self._handler_modules, self._actor_env)
             self._pools[spec.name] = pool
             self._running[spec.name] = spec
             for info in await pool.start():

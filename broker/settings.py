@@ -1,5 +1,6 @@
 """Typed settings, read once from the environment (prefix `SWARM_`) and passed down."""
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -14,6 +15,10 @@ TASK_DEFAULTS: dict[str, dict[str, float]] = {
     "inference": {"cpus": 0.05, "gpus": 0.0, "memory_mb": 0},
     "data_processing": {"cpus": 1.0, "gpus": 0.0, "memory_mb": 0},
 }
+
+
+# The built-in training, inference and data-processing workloads (workers/workloads/).
+WORKLOADS_MODULE = "workers.workloads.handlers"
 
 
 class Settings(BaseSettings):
@@ -37,7 +42,12 @@ class Settings(BaseSettings):
         default=None, description="CPUs of the embedded local Ray (default: all)"
     )
     handler_modules: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated modules whose handlers to load"
+        default_factory=lambda: [WORKLOADS_MODULE],
+        description="comma-separated modules whose handlers to load (besides the built-ins)",
+    )
+    model_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "swarm" / "models",
+        description="where `train` stores models and `predict` loads them; shared by all nodes",
     )
     max_body_bytes: int = Field(
         default=DEFAULT_MAX_BODY_BYTES, gt=0, description="largest body accepted (too_large above)"
@@ -129,6 +139,10 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="on SIGTERM, how long in-flight tasks may finish"
     )
+
+    def actor_environment(self) -> dict[str, str]:
+        """Settings that handlers read, set in every actor's environment whatever its node."""
+        return {"SWARM_MODEL_DIR": str(self.model_dir)}
 
     @field_validator("handler_modules", "gpu_task_types", mode="before")
     @classmethod

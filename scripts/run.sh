@@ -7,7 +7,7 @@ bash scripts/setup.sh
 .venv/bin/swarm run &
 daemon=$!
 trap 'kill -TERM $daemon 2>/dev/null; wait $daemon' EXIT INT TERM
-.venv/bin/python examples/demo.py
+.venv/bin/python examples/demo.py || echo "The demo did not finish: see above (the daemon keeps running)."
 echo "The daemon keeps running: try  .venv/bin/swarm submit inference echo --args '{\"x\": 1}'"
 echo "Ctrl-C stops it."
 wait $daemon

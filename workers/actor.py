@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,9 +25,13 @@ class WorkerActor:
     """Runs handlers. Async handlers run on the actor's event loop; sync ones on a thread
     (unless declared `blocking=False`), so one slow sync handler never stalls the others."""
 
-    def __init__(self, pool: str, handler_modules: list[str]) -> None:
+    def __init__(
+        self, pool: str, handler_modules: list[str], env: dict[str, str] | None = None
+    ) -> None:
         import ray  # only inside the actor process
 
+        # The daemon's settings that handlers read (SWARM_MODEL_DIR), before they import.
+        os.environ.update(env or {})
         self._pool = pool
         self._registry = load_handlers(handler_modules)
         context = ray.get_runtime_context()

@@ -1,9 +1,10 @@
 """Dynamic batching inside an actor: concurrent runs of one batch handler become one call.
 
 A handler declared with `batch_max` takes a list of args and returns a list of results, one
-per item, in order. Runs that arrive within `batch_wait_s` of the first (or until `batch_max`
-are waiting) are handed to it together, so a model answers many queued inference tasks with
-one GPU call; each result still goes to its own task's reply.
+per item, in order; an exception in place of a result fails that item's task alone. Runs
+that arrive within `batch_wait_s` of the first (or until `batch_max` are waiting) are handed
+to it together, so a model answers many queued inference tasks with one GPU call; each
+result still goes to its own task's reply.
 """
 
 import asyncio
@@ -65,5 +66,9 @@ class Batcher:
                     future.set_exception(exc)
             return
         for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)  # this item failed; the others stand
+            else:
                 future.set_result(result)

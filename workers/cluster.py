@@ -39,8 +39,12 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
     if address:
         _probe(address)
         options["address"] = address
-    elif num_cpus is not None:
-        options["num_cpus"] = num_cpus
+    else:
+        # "local", not None: without an address ray.init joins any cluster it finds on the
+        # machine (a `ray start`, another process's Ray), which is not what embedded means.
+        options["address"] = "local"
+        if num_cpus is not None:
+            options["num_cpus"] = num_cpus
     try:
         ray.init(**options)
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, TimeoutError, ...

@@ -41,9 +41,12 @@ class RayActorPool:
     """Owns its actors. Actors are never restarted by Ray (`max_restarts=0`): a lost actor is
     replaced by a fresh one, so a retry lands on a healthy actor, not on the one that died."""
 
-    def __init__(self, spec: PoolSpec, handler_modules: list[str]) -> None:
+    def __init__(
+        self, spec: PoolSpec, handler_modules: list[str], env: dict[str, str] | None = None
+    ) -> None:
         self.spec = spec
         self._handler_modules = list(handler_modules)
+        self._env = dict(env or {})
         self._handles: dict[str, Any] = {}
         self._infos: dict[str, ActorInfo] = {}
         self._serial = itertools.count()
@@ -72,7 +75,9 @@ class RayActorPool:
         if self.spec.custom_resources:
             options["resources"] = dict(self.spec.custom_resources)
         actor_class: Any = ray.remote(WorkerActor)  # Ray's stubs do not model actor handles
-        handle: Any = actor_class.options(**options).remote(self.spec.name, self._handler_modules)
+        handle: Any = actor_class.options(**options).remote(
+            self.spec.name, self._handler_modules, self._env
+        )
         try:
             described = await asyncio.wait_for(handle.describe.remote(), self.spec.start_timeout_s)
         except asyncio.TimeoutError as exc:

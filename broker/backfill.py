@@ -1,0 +1,407 @@
+"""Backfill: send every task of a JSONL file through Swarm, resumably and at a bounded rate.
+
+    async with SwarmClient(url) as swarm:
+        summary = await backfill(swarm, Path("tasks.jsonl"), rate_per_s=200, window=64)
+
+One task per line: `{"type", "handler", "args"}` and optionally `"id"` and the contract's other
+task keys (`resources`, `pool`, `priority`, `deadline`, `timeout_s`, `max_retries`). A line
+without an id gets one derived from its content (`bf-` + sha256 of its canonical JSON), so a
+rerun sends the same ids, and the daemon answers an id it already finished with the stored reply
+instead of running it again (one outcome per task id). Identical lines without an id are
+therefore one task; give them ids to run them twice.
+
+Every id whose final reply arrived (ok or not) is appended to the state file, `<source>.done`
+by default, one per line and flushed at once; a rerun skips those ids without sending them.
+Invalid lines, error replies and replies that never came are appended to
+`<source>.errors.jsonl`. Neither stops the run.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any, Literal, TypeAlias
+
+from pydantic import ValidationError
+
+from broker.client import SwarmClient
+from broker.ratelimit import TokenBucket
+from schemas.reply import Reply
+from schemas.task import TaskMessage
+from schemas.topology import PROTOCOL_VERSION
+
+ID_PREFIX = "bf-"
+ID_HEX_CHARS = 32  # 128 bits of sha256: collisions are not a concern for any file size
+MAX_TEXT_CHARS = 10_000  # of an invalid line, copied into the errors file
+REQUIRED_KEYS = {"v", "id", "type", "handler", "args"}  # send() takes these as arguments
+
+ProgressEvent: TypeAlias = Literal["sent", "skipped", "duplicate", "invalid", "answered", "missing"]
+
+
+@dataclass(frozen=True)
+class InvalidLine:
+    """A line that is not JSON, or not a valid task: its 1-based number and why."""
+
+    line: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class BackfillProgress:
+    """One step of a run (`event` for line `line`) and the run's counts so far."""
+
+    event: ProgressEvent
+    line: int
+    task_id: str | None
+    total: int
+    sent: int
+    skipped: int
+    duplicates: int
+    ok: int
+    errors: int
+    invalid: int
+    missing: int
+
+    @property
+    def answered(self) -> int:
+        """Final replies received (and recorded in the state file) by this run."""
+        return self.ok + self.errors
+
+    @property
+    def finished(self) -> int:
+        """Lines done with: what a progress bar of `total` shows."""
+        return self.skipped + self.duplicates + self.invalid + self.answered + self.missing
+
+
+@dataclass(frozen=True)
+class BackfillSummary:
+    """What one run did. `complete` is true when every line has a final outcome."""
+
+    lines: int
+    sent: int
+    skipped: int
+    duplicates: int
+    ok: int
+    errors: dict[str, int]
+    invalid: tuple[InvalidLine, ...]
+    missing: tuple[str, ...]
+    elapsed_s: float
+    state: Path
+    errors_file: Path
+
+    @property
+    def answered(self) -> int:
+        return self.ok + sum(self.errors.values())
+
+    @property
+    def rate_per_s(self) -> float:
+        """Final replies received per second of the run."""
+        return self.answered / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def complete(self) -> bool:
+        return not self.invalid and not self.missing
+
+
+def default_state_path(source: Path) -> Path:
+    return source.with_name(source.name + ".done")
+
+
+def default_errors_path(source: Path) -> Path:
+    return source.with_name(source.name + ".errors.jsonl")
+
+
+def derive_id(fields: dict[str, Any]) -> str:
+    """The id of a line without one: stable across runs, whatever the line's spacing or key
+    order."""
+    content = {key: value for key, value in fields.items() if key != "id"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return ID_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()[:ID_HEX_CHARS]
+
+
+def parse_line(text: str) -> TaskMessage | str:
+    """The task of one line, or the reason it is not one."""
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"not JSON: {exc.msg} (column {exc.colno})"
+    if not isinstance(fields, dict):
+        return f"not a JSON object but {type(fields).__name__}"
+    task_id = fields.get("id")
+    if task_id is None:
+        task_id = derive_id(fields)
+    try:
+        return TaskMessage.model_validate({"v": PROTOCOL_VERSION, **fields, "id": task_id})
+    except ValidationError as exc:
+        return "; ".join(_describe(error) for error in exc.errors())
+
+
+def _describe(error: Any) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "task"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {where!r}"
+    return f"{where}: {error['msg']}"
+
+
+def count_lines(source: Path) -> int:
+    """Lines that hold something; blank lines are not tasks and are not counted."""
+    return sum(1 for _ in _lines(source))
+
+
+def _lines(source: Path) -> Generator[tuple[int, str], None, None]:
+    # Plain buffered reads: each is a memory copy, short enough not to stall the event loop.
+    with source.open(encoding="utf-8") as lines:
+        for number, text in enumerate(lines, start=1):
+            if text.strip():
+                yield number, text
+
+
+def load_done(state: Path) -> set[str]:
+    """The ids a previous run recorded. A torn last line (a crash mid-write) holds a partial id
+    that matches nothing, so that task is sent again: harmless, its id is the same."""
+    if not state.exists():
+        return set()
+    with state.open(encoding="utf-8") as lines:
+        return {text.strip() for text in lines if text.strip()}
+
+
+class _AppendLog:
+    """A file appended to one line at a time, flushed at once, and opened on first use (a run
+    without errors leaves no empty errors file behind)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: IO[str] | None = None
+
+    def append(self, line: str) -> None:
+        if self._handle is None:
+            self._handle = self._open()
+        self._handle.write(line + "\n")
+        self._handle.flush()
+
+    def _open(self) -> IO[str]:
+        handle = self.path.open("a", encoding="utf-8")
+        if handle.tell() > 0:
+            # End a torn last line (a crash mid-write) so the next record starts clean.
+            with self.path.open("rb") as raw:
+                raw.seek(-1, 2)
+                if raw.read(1) != b"\n":
+                    handle.write("\n")
+        return handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+@dataclass
+class _Run:
+    total: int
+    done: set[str]
+    state_log: _AppendLog
+    errors_log: _AppendLog
+    slots: asyncio.Semaphore
+    reply_timeout_s: float | None
+    on_progress: Callable[[BackfillProgress], None] | None
+    started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    sent: int = 0
+    skipped: int = 0
+    duplicates: int = 0
+    ok: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    invalid: list[InvalidLine] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def report(self, event: ProgressEvent, line: int, task_id: str | None) -> None:
+        if self.on_progress is None:
+            return
+        self.on_progress(
+            BackfillProgress(
+                event=event,
+                line=line,
+                task_id=task_id,
+                total=self.total,
+                sent=self.sent,
+                skipped=self.skipped,
+                duplicates=self.duplicates,
+                ok=self.ok,
+                errors=sum(self.errors.values()),
+                invalid=len(self.invalid),
+                missing=len(self.missing),
+            )
+        )
+
+    def log_error(self, record: dict[str, Any]) -> None:
+        self.errors_log.append(json.dumps({"run": self.started, **record}))
+
+    def reject(self, line: int, reason: str, text: str) -> None:
+        self.invalid.append(InvalidLine(line, reason))
+        self.log_error(
+            {
+                "line": line,
+                "id": None,
+                "kind": "invalid_line",
+                "reason": reason,
+                "text": text.rstrip("\r\n")[:MAX_TEXT_CHARS],
+            }
+        )
+        self.report("invalid", line, None)
+
+    def record(self, line: int, reply: Reply, task_id: str) -> None:
+        # The state file first: once a reply is here, a rerun must not need to send it again.
+        self.state_log.append(task_id)
+        if reply.status == "ok":
+            self.ok += 1
+        else:
+            code = reply.error.code if reply.error is not None else reply.status
+            self.errors[code] += 1
+            message = reply.error.message if reply.error is not None else ""
+            self.log_error(
+                {
+                    "line": line,
+                    "id": task_id,
+                    "kind": "reply",
+                    "status": reply.status,
+                    "code": code,
+                    "reason": message,
+                }
+            )
+        self.report("answered", line, task_id)
+
+    def lose(self, line: int, task_id: str, reason: str) -> None:
+        self.missing.append(task_id)
+        self.log_error({"line": line, "id": task_id, "kind": "no_reply", "reason": reason})
+        self.report("missing", line, task_id)
+
+    async def settle(self, line: int, task_id: str, future: "asyncio.Future[Reply]") -> None:
+        """Wait for one task's reply and record it; frees its window slot either way."""
+        try:
+            try:
+                reply = await asyncio.wait_for(future, self.reply_timeout_s)
+            except asyncio.TimeoutError:
+                self.lose(line, task_id, f"no reply within {self.reply_timeout_s:g} s")
+                return
+            except Exception as exc:  # a reply the client could not read
+                self.lose(line, task_id, f"unreadable reply: {exc}")
+                return
+            self.record(line, reply, task_id)
+        finally:
+            self.slots.release()
+
+
+async def backfill(
+    client: SwarmClient,
+    source: Path,
+    *,
+    state: Path | None = None,
+    rate_per_s: float | None = None,
+    window: int = 64,
+    on_progress: Callable[[BackfillProgress], None] | None = None,
+    reply_timeout_s: float | None = None,
+    errors: Path | None = None,
+) -> BackfillSummary:
+    """Send every task of `source` not yet recorded in `state`, at most `rate_per_s` per second
+    and `window` unanswered at a time, and wait for their replies.
+
+    `state` defaults to `<source>.done`, `errors` to `<source>.errors.jsonl`; both are appended
+    to. `reply_timeout_s` bounds the wait for each reply (None: wait as long as it takes); a
+    task past it is counted `missing`, not recorded, and sent again by the next run.
+    `on_progress` is called after every step. Cancelling the call stops sending and stops
+    waiting; what was recorded stays recorded, and a rerun resumes from there. A `SubmitError`
+    (RabbitMQ refused or stayed unreachable) ends the run the same way and is raised.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, not {window}")
+    state = state or default_state_path(source)
+    errors = errors or default_errors_path(source)
+    bucket = TokenBucket(rate_per_s) if rate_per_s is not None else None
+    started_s = time.monotonic()
+    seen: set[str] = set()
+    waiting: set[asyncio.Task[None]] = set()
+    state_log, errors_log = _AppendLog(state), _AppendLog(errors)
+    with contextlib.closing(state_log), contextlib.closing(errors_log):
+        run = _Run(
+            total=count_lines(source),
+            done=load_done(state),
+            state_log=state_log,
+            errors_log=errors_log,
+            slots=asyncio.Semaphore(window),
+            reply_timeout_s=reply_timeout_s,
+            on_progress=on_progress,
+        )
+        try:
+            with contextlib.closing(_lines(source)) as lines:
+                for number, text in lines:
+                    task = parse_line(text)
+                    if isinstance(task, str):
+                        run.reject(number, task, text)
+                    elif task.id in run.done:
+                        run.skipped += 1
+                        run.report("skipped", number, task.id)
+                    elif task.id in seen:
+                        run.duplicates += 1
+                        run.report("duplicate", number, task.id)
+                    else:
+                        seen.add(task.id)
+                        future = await _send(client, task, run.slots, bucket)
+                        run.sent += 1
+                        run.report("sent", number, task.id)
+                        waiter = asyncio.create_task(run.settle(number, task.id, future))
+                        waiting.add(waiter)
+                        waiter.add_done_callback(waiting.discard)
+            if waiting:
+                await asyncio.gather(*waiting)
+        finally:
+            for waiter in waiting:
+                waiter.cancel()
+    return BackfillSummary(
+        lines=run.total,
+        sent=run.sent,
+        skipped=run.skipped,
+        duplicates=run.duplicates,
+        ok=run.ok,
+        errors=dict(run.errors),
+        invalid=tuple(run.invalid),
+        missing=tuple(run.missing),
+        elapsed_s=time.monotonic() - started_s,
+        state=state,
+        errors_file=errors,
+    )
+
+
+async def _send(
+    client: SwarmClient,
+    task: TaskMessage,
+    slots: asyncio.Semaphore,
+    bucket: TokenBucket | None,
+) -> "asyncio.Future[Reply]":
+    """Publish one task once the window has room and the bucket has a token."""
+    await slots.acquire()
+    try:
+        if bucket is not None:
+            await bucket.acquire()
+        optional = task.model_dump(exclude_none=True, exclude=REQUIRED_KEYS)
+        future = await client.send(task.type, task.handler, task.args, task_id=task.id, **optional)
+        _raise_if_cancelling()
+        return future
+    except BaseException:
+        slots.release()
+        raise
+
+
+def _raise_if_cancelling() -> None:
+    """Honour a cancellation that Python 3.11's `asyncio.wait_for` swallowed: it returns the
+    result instead when its inner await completes as the cancel arrives (CPython gh-86296,
+    fixed in 3.12), and the client's publish awaits through it. The task still counts the
+    request (`Task.cancelling`), so a cancelled run stops here rather than running to its end."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+    if cancelling is not None and cancelling() > 0:
+        raise asyncio.CancelledError
