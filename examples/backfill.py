@@ -4,7 +4,7 @@
         examples/backfill-sample.jsonl
 
 Run it twice: the second run finds every id in `<file>.done` and sends nothing. The same as
-`swarm backfill FILE --rate 50 --window 16`, without the progress bar.
+`swarm backfill FILE --rate 50 --window 16`.
 """
 
 import asyncio
@@ -12,29 +12,33 @@ import os
 import sys
 from pathlib import Path
 
+from rich.progress import Progress
+
 from broker.backfill import BackfillProgress, backfill
 from broker.client import SwarmClient
 
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@localhost:5672/")
 
 
-def show(step: BackfillProgress) -> None:
-    if step.event == "invalid":
-        print(f"line {step.line}: invalid, see the errors file")
-    elif step.event == "answered" and step.answered % 10 == 0:
-        print(f"{step.finished}/{step.total} lines done")
-
-
 async def main(source: Path) -> int:
-    async with SwarmClient(URL) as client:
-        summary = await backfill(
-            client,
-            source,
-            state=None,  # <source>.done
-            rate_per_s=50.0,  # at most 50 tasks sent per second
-            window=16,  # at most 16 unanswered at a time
-            on_progress=show,
-        )
+    with Progress() as bar:
+        lines = bar.add_task(f"backfill {source.name}", total=None)
+
+        def show(step: BackfillProgress) -> None:
+            # Lines skipped (already done) and lines answered both move the bar.
+            bar.update(lines, completed=step.finished, total=step.total)
+            if step.event == "invalid":
+                bar.console.print(f"line {step.line}: invalid, see the errors file")
+
+        async with SwarmClient(URL) as client:
+            summary = await backfill(
+                client,
+                source,
+                state=None,  # <source>.done
+                rate_per_s=50.0,  # at most 50 tasks sent per second
+                window=16,  # at most 16 unanswered at a time
+                on_progress=show,
+            )
     print(
         f"sent {summary.sent}, skipped {summary.skipped} (already done), ok {summary.ok}, "
         f"errors {summary.errors or 0}, invalid lines {len(summary.invalid)}, "
