@@ -129,6 +129,7 @@ class Swarm(System):
         env = bench_env(
             AMQP_URL=url,
             SWARM_LOG_LEVEL="warning",
+            SWARM_METRICS_PORT="0",
             SWARM_LOG_FORMAT="json",
             PYTHONUNBUFFERED="1",
             RAY_AUTH_MODE=ray_auth_mode(),

@@ -27,6 +27,11 @@ class ActiveTasks:
     def get(self, task_id: str) -> ActiveTask | None:
         return self._by_id.get(task_id)
 
+    @property
+    def count(self) -> int:
+        """Tasks admitted and not yet settled (waiting, running or being answered)."""
+        return len(self._by_id)
+
     def begin(self, task_id: str) -> ActiveTask:
         active = ActiveTask(task_id, asyncio.current_task())
         self._by_id[task_id] = active

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from broker.settings import Settings
+from broker.settings import CONFIG_ENV, Settings
 from schemas.errors import SwarmError
 
 if TYPE_CHECKING:
@@ -28,6 +28,30 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(code=1)
 
 
+@app.callback()
+def _options(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help=f"a TOML file of settings (or {CONFIG_ENV}); the environment wins over it",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    if config is not None:
+        os.environ[CONFIG_ENV] = str(config)
+
+
+def _settings() -> Settings:
+    """The settings, or one clear line and exit 2 when they are not valid."""
+    try:
+        return Settings()
+    except (ValueError, OSError) as exc:  # pydantic's ValidationError is a ValueError
+        typer.echo(f"swarm: invalid configuration: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+
+
 def _run_async(coro: Any) -> Any:
     try:
         import uvloop
@@ -43,7 +67,7 @@ def run() -> None:
     from broker.daemon import Daemon
     from broker.logging import configure_logging
 
-    settings = Settings()
+    settings = _settings()
     configure_logging(settings.log_format, settings.log_level)
     try:
         _run_async(Daemon(settings).serve())
@@ -75,7 +99,7 @@ def submit(
         _fail(ValueError(f"--args is not JSON: {exc}"))
 
     async def go() -> dict[str, Any]:
-        async with SwarmClient(Settings().amqp_url.get_secret_value()) as client:
+        async with SwarmClient(_settings().amqp_url.get_secret_value()) as client:
             reply = await client.submit(
                 task_type, handler, parsed, timeout_s=wait_s, priority=priority, pool=pool
             )
@@ -129,7 +153,7 @@ def backfill(
         _fail(ValueError(f"--rate must be > 0, not {rate:g}"))
     if window < 1:
         _fail(ValueError(f"--window must be >= 1, not {window}"))
-    url = amqp_url or Settings().amqp_url.get_secret_value()
+    url = amqp_url or _settings().amqp_url.get_secret_value()
     bar = Progress(
         TextColumn("backfill"),
         BarColumn(),
@@ -207,24 +231,91 @@ def _print_backfill(summary: "BackfillSummary") -> None:
 @app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="print raw JSON")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="refresh until Ctrl-C")] = False,
+    interval_s: Annotated[
+        float, typer.Option("--interval", min=0.1, help="seconds between refreshes")
+    ] = 2.0,
+    count: Annotated[
+        int | None, typer.Option(help="with --watch: stop after N refreshes", show_default=False)
+    ] = None,
 ) -> None:
     """Ask the daemon for pools, nodes, queues and limits."""
     from broker.client import SwarmClient
 
-    async def go() -> dict[str, Any]:
-        async with SwarmClient(Settings().amqp_url.get_secret_value()) as client:
-            return await client.status(timeout_s=15.0)
+    url = _settings().amqp_url.get_secret_value()
+    if not watch:
 
+        async def once() -> dict[str, Any]:
+            async with SwarmClient(url) as client:
+                return await client.status(timeout_s=15.0)
+
+        try:
+            answer = _run_async(once())
+        except SwarmError as exc:
+            _fail(exc)
+        if as_json:
+            typer.echo(json.dumps(answer, indent=2))
+            return
+        from broker.status_view import render_status
+
+        render_status(answer)
+        return
     try:
-        answer = _run_async(go())
+        _run_async(_watch_status(url, interval_s, count, as_json))
     except SwarmError as exc:
         _fail(exc)
-    if as_json:
-        typer.echo(json.dumps(answer, indent=2))
-        return
-    from broker.status_view import render_status
+    except KeyboardInterrupt:
+        raise typer.Exit(code=0) from None
 
-    render_status(answer)
+
+async def _watch_status(url: str, interval_s: float, count: int | None, as_json: bool) -> None:
+    """One connection, a status request every `interval_s`, the tables redrawn in place."""
+    import time
+
+    from rich.live import Live
+
+    from broker.client import SwarmClient
+    from broker.status_view import status_view
+
+    async with SwarmClient(url) as client:
+        refreshes = 0
+        with Live(auto_refresh=False, transient=False) as live:
+            while count is None or refreshes < count:
+                answer = await client.status(timeout_s=15.0)
+                refreshes += 1
+                stamp = time.strftime("%H:%M:%S")
+                if as_json:
+                    live.console.print_json(json.dumps(answer))
+                else:
+                    caption = f"{stamp}  refresh {refreshes} every {interval_s:g} s, Ctrl-C stops"
+                    live.update(status_view(answer, caption), refresh=True)
+                if count is None or refreshes < count:
+                    await asyncio.sleep(interval_s)
+
+
+@app.command()
+def config(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Print the effective configuration (environment over TOML file over defaults), with
+    secrets masked."""
+    values = _settings().effective()
+    if as_json:
+        typer.echo(json.dumps(values, indent=2, sort_keys=True))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="swarm configuration")
+    table.add_column("setting")
+    table.add_column("environment variable")
+    table.add_column("value")
+    for name, value in sorted(values.items()):
+        variable = {"amqp_url": "AMQP_URL", "ray_address": "RAY_ADDRESS"}.get(
+            name, f"SWARM_{name.upper()}"
+        )
+        table.add_row(name, variable, json.dumps(value) if not isinstance(value, str) else value)
+    Console().print(table)
 
 
 @app.command()
@@ -234,6 +325,14 @@ def schema() -> None:
 
     json.dump(wire_schema(), sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+@app.command()
+def asyncapi() -> None:
+    """Print the AsyncAPI 3.0.0 document of the wire contract (as in docs/asyncapi.json)."""
+    from schemas.asyncapi import render
+
+    sys.stdout.write(render())
 
 
 def main() -> None:  # pragma: no cover

@@ -18,9 +18,9 @@ from broker.settings import Settings
 from schemas.codec import DecodeError, decode
 from schemas.control import CancelRequest, parse_control
 from schemas.reply import Reply
-from schemas.topology import CONTENT_TYPE
+from schemas.topology import CONTENT_TYPE, CONTROL_ROUTING_TYPE
 
-ROUTING_TYPE = "control"
+ROUTING_TYPE = CONTROL_ROUTING_TYPE
 
 
 class ControlProcessor:

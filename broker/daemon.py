@@ -3,13 +3,17 @@
 import asyncio
 import contextlib
 import signal
+import time
 
 import structlog
 
 from broker.connection import connect
 from broker.control import ControlProcessor
+from broker.delivery import Delivery
 from broker.ingress import Ingress
 from broker.ledger import Ledger
+from broker.metrics import ClusterView, DaemonMetrics, MetricsServer
+from broker.outcome import Outcome
 from broker.outcomes import OutcomeStore
 from broker.pools import PoolSet
 from broker.processor import TaskProcessor
@@ -39,6 +43,10 @@ class Daemon:
             actor_env=settings.actor_environment(),
         )
         self._ingress: Ingress | None = None
+        self.metrics = DaemonMetrics()
+        self._metrics_server: MetricsServer | None = None
+        self._metrics_refresher: asyncio.Task[None] | None = None
+        self._metrics_ticker: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._refresher: asyncio.Task[None] | None = None
 
@@ -51,6 +59,10 @@ class Daemon:
         await probe.close()
         # In a thread: ray.init blocks for seconds, and off the main thread it leaves our
         # SIGTERM handler in place instead of installing its own.
+        # Served from the start: /healthz answers (and /readyz says "not ready") while Ray
+        # and the pools come up, which can take a while on a cluster.
+        self._start_metrics_server()
+        self._metrics_ticker = asyncio.create_task(self._tick_liveness())
         await asyncio.to_thread(
             cluster.connect, self.settings.ray_address, num_cpus=self.settings.ray_num_cpus
         )
@@ -60,13 +72,23 @@ class Daemon:
         control = ControlProcessor(
             self.settings, self.scheduler, self.pools, self._queue_depths, tasks, self.store
         )
+        metrics = self.metrics
+
+        async def process_task(delivery: Delivery) -> Outcome:
+            metrics.task_received(delivery.task_type)
+            return await tasks.process(delivery)
+
+        def settled(outcome: Outcome) -> None:
+            tasks.settled(outcome)
+            metrics.task_finished(outcome)
+
         self._ingress = Ingress(
             amqp_url,
             self.settings.prefetch,
-            tasks.process,
+            process_task,
             control.process,
             self.store,
-            tasks.settled,
+            settled,
             self.settings.max_waiting_per_queue,
         )
         self.scheduler.on_tag_waiting = self._ingress.on_waiting
@@ -74,7 +96,47 @@ class Daemon:
         tasks.publish_progress = self._ingress.publish_progress
         await self._ingress.start()
         self._refresher = asyncio.create_task(self._refresh_nodes())
-        log.info("daemon ready", pools=sorted(self.pools.names), handlers=self.registry.names())
+        self._metrics_refresher = asyncio.create_task(
+            metrics.refresh_forever(self._cluster_view, self.settings.metrics_interval_s)
+        )
+        self.metrics.ready = True
+        log.info(
+            "daemon ready",
+            pools=sorted(self.pools.names),
+            handlers=self.registry.names(),
+            metrics_port=self.metrics_port,
+        )
+
+    def _start_metrics_server(self) -> None:
+        port = self.settings.metrics_port
+        if port < 0:
+            return
+        try:
+            self._metrics_server = MetricsServer(self.metrics, self.settings.metrics_host, port)
+        except OSError as exc:
+            # Not fatal: a second daemon on the same host (a standby) must still serve.
+            log.error("metrics endpoint not started", port=port, error=str(exc))
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics, /healthz and /readyz answer on (None: not served)."""
+        return self._metrics_server.port if self._metrics_server is not None else None
+
+    async def _cluster_view(self) -> ClusterView:
+        ingress = self._ingress
+        self.metrics.ready = ingress is not None and ingress.consuming
+        pools = {}
+        for name in sorted(self.pools.names):
+            view = self.scheduler.ledger.pool_view(name)
+            view["waiting"] = self.scheduler.waiting(name)
+            pools[name] = view
+        nodes = [self.scheduler.ledger.node_view(n) for n in self.scheduler.ledger.alive_nodes()]
+        return ClusterView(
+            pools=pools,
+            nodes=nodes,
+            queues=await self._queue_depths(),
+            in_flight=self.tasks.active.count,
+        )
 
     @property
     def ingress(self) -> Ingress | None:
@@ -82,6 +144,13 @@ class Daemon:
 
     async def _queue_depths(self) -> dict[str, int]:
         return await self._ingress.queue_depths() if self._ingress is not None else {}
+
+    async def _tick_liveness(self) -> None:
+        """Until the refresher takes over: /healthz tells a stuck event loop from a slow
+        start."""
+        while self._metrics_refresher is None:
+            self.metrics.loop_tick_s = time.monotonic()
+            await asyncio.sleep(1.0)
 
     async def _refresh_nodes(self) -> None:
         while True:
@@ -99,13 +168,17 @@ class Daemon:
             await self._ingress.stop_consuming()
             requeued = await self._ingress.drain(self.settings.drain_timeout_s)
             log.info("drained", requeued=requeued)
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        self.metrics.ready = False
+        for background in (self._refresher, self._metrics_refresher, self._metrics_ticker):
+            if background is not None:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
         if self._ingress is not None:
             await self._ingress.close()
         self.pools.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         self._stopped.set()
 
     async def serve(self) -> None:

@@ -157,6 +157,11 @@ class Ingress:
                     await asyncio.sleep(delay_s)
                     delay_s = min(RECONNECT_MAX_S, delay_s * 2)
 
+    @property
+    def consuming(self) -> bool:
+        """Connected, and taking deliveries (not shutting down)."""
+        return self._ready.is_set() and not self._stopping
+
     def on_waiting(self, queue_name: str, waiting: int) -> None:
         """Backpressure from the scheduler: stop consuming a queue whose tasks pile up waiting
         for room, so the backlog stays in RabbitMQ; resume when half of them were placed."""

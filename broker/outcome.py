@@ -28,6 +28,12 @@ class Outcome:
     dead_letter_errors: bool = True
     record: bool = True
     reply: bool = True
+    # For metrics: where it ran (None when it never did) and how long it waited and ran.
+    pool: str | None = None
+    queued_ms: float = 0.0
+    run_ms: float = 0.0
+    # W3C trace context headers for the reply (broker/tracing.py); None without a trace.
+    trace_headers: dict[str, str] | None = None
 
     @property
     def dead_letter(self) -> bool:
@@ -72,6 +78,9 @@ def rejected(
         rejection.code,
         rejection.message,
         attempts,
+        pool=pool,
+        queued_ms=max(0.0, queued_ms),
+        run_ms=run_ms,
     )
 
 
@@ -94,7 +103,16 @@ def succeeded(
         node=node,
         timing=Timing(queued_ms=queued_ms, run_ms=run_ms),
     )
-    return Outcome(task_id, "ok", encode_reply(reply, payload), routing_type, attempts=attempts)
+    return Outcome(
+        task_id,
+        "ok",
+        encode_reply(reply, payload),
+        routing_type,
+        attempts=attempts,
+        pool=pool,
+        queued_ms=queued_ms,
+        run_ms=run_ms,
+    )
 
 
 def duplicate(

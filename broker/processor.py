@@ -5,6 +5,7 @@ calls `settled` once that is done.
 """
 
 import asyncio
+import dataclasses
 import itertools
 import random
 import time
@@ -12,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from broker import tracing
 from broker.active import ActiveTask, ActiveTasks
 from broker.delivery import Delivery, Settlement
 from broker.errors import Rejection
@@ -22,6 +24,7 @@ from broker.placement import PlacementRules
 from broker.pools import PoolSet
 from broker.scheduler import Scheduler
 from broker.settings import Settings
+from broker.tracing import TRACEPARENT_HEADER, TRACESTATE_HEADER
 from schemas.codec import decode, encode
 from schemas.progress import ProgressMessage
 from schemas.task import TaskMessage
@@ -55,6 +58,23 @@ class TaskProcessor:
         self.publish_progress: Callable[[Delivery, bytes], None] = lambda delivery, body: None
 
     async def process(self, delivery: Delivery) -> Outcome:
+        headers = delivery.properties.get("headers")
+        trace = (
+            tracing.parse(headers.get(TRACEPARENT_HEADER), headers.get(TRACESTATE_HEADER))
+            if headers
+            else None
+        )
+        if trace is None:
+            return await self._process(delivery)
+        span = trace.child()
+        structlog.contextvars.bind_contextvars(trace_id=span.trace_id, span_id=span.span_id)
+        try:
+            outcome = await self._process(delivery)
+        finally:
+            structlog.contextvars.unbind_contextvars("trace_id", "span_id")
+        return dataclasses.replace(outcome, trace_headers=span.headers())
+
+    async def _process(self, delivery: Delivery) -> Outcome:
         routing_type = delivery.task_type or "unknown"
         admitted = admit(delivery, self._limits, self._registry)
         task_id = admitted.id if isinstance(admitted, TaskMessage) else admitted.task_id

@@ -18,6 +18,7 @@ from schemas.topology import (
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
     ORIGINAL_USER_HEADER,
+    REPLY_UNDELIVERABLE,
     SOURCE_QUEUE_HEADER,
     STATUS_HEADER,
     UNDELIVERED_REPLY_HEADER,
@@ -28,7 +29,6 @@ from schemas.topology import (
 DIRECT_REPLY_PREFIX = "amq.rabbitmq.reply-to"
 PERSISTENT = int(DeliveryMode.PERSISTENT)
 # Dead-letter codes of Swarm's own, beyond the reply error codes: the reply never arrived.
-REPLY_UNDELIVERABLE = "reply_undeliverable"
 _PROPERTY_NAMES = (
     "content_type",
     "content_encoding",
@@ -66,11 +66,15 @@ class Publisher:
         correlation_id = delivery.correlation_id or outcome.task_id
         body = outcome.reply_body
 
+        headers: dict[str, Any] = {STATUS_HEADER: outcome.status}
+        if outcome.trace_headers:
+            headers.update(outcome.trace_headers)
+
         def properties() -> aiormq.spec.Basic.Properties:
             return aiormq.spec.Basic.Properties(
                 content_type=CONTENT_TYPE,
                 correlation_id=correlation_id,
-                headers={STATUS_HEADER: outcome.status},
+                headers=headers,
                 delivery_mode=PERSISTENT,
             )
 

@@ -1,10 +1,18 @@
-"""Typed settings, read once from the environment (prefix `SWARM_`) and passed down."""
+"""Typed settings, read once from the environment (prefix `SWARM_`) and an optional TOML
+file (`SWARM_CONFIG` or `--config`), and passed down. The environment wins over the file."""
 
+import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from schemas.codec import DEFAULT_MAX_BODY_BYTES, CodecLimits
 from workers.pool import PoolSpec
@@ -16,6 +24,9 @@ TASK_DEFAULTS: dict[str, dict[str, float]] = {
     "data_processing": {"cpus": 1.0, "gpus": 0.0, "memory_mb": 0},
 }
 
+
+# Names a TOML file of settings (keys are the field names: `prefetch = 128`).
+CONFIG_ENV = "SWARM_CONFIG"
 
 # The built-in training, inference and data-processing workloads (workers/workloads/).
 WORKLOADS_MODULE = "workers.workloads.handlers"
@@ -139,6 +150,42 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="on SIGTERM, how long in-flight tasks may finish"
     )
+    metrics_port: int = Field(
+        default=9464,
+        ge=-1,
+        le=65535,
+        description="port of /metrics (Prometheus), /healthz and /readyz; 0 any free port, -1 none",
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="address the metrics port binds")
+    metrics_interval_s: float = Field(
+        default=5.0, gt=0, description="how often the ledger, pool and queue gauges refresh"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_ENV)
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ValueError(f"{CONFIG_ENV}={config_file}: no such file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def effective(self) -> dict[str, Any]:
+        """Every setting's value as used, secrets masked (the password of the AMQP URL)."""
+        from broker.connection import redact
+
+        values = self.model_dump(mode="json")
+        values["amqp_url"] = redact(self.amqp_url.get_secret_value())
+        return values
 
     def actor_environment(self) -> dict[str, str]:
         """Settings that handlers read, set in every actor's environment whatever its node."""

@@ -2,8 +2,9 @@
 
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 
 def _fmt(vector: dict[str, Any]) -> str:
@@ -11,7 +12,11 @@ def _fmt(vector: dict[str, Any]) -> str:
 
 
 def render_status(answer: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    (console or Console()).print(status_view(answer))
+
+
+def status_view(answer: dict[str, Any], caption: str | None = None) -> RenderableType:
+    """Pools, nodes and queues as tables, and the limits in force."""
     pools = Table(title="pools")
     for column in ("pool", "actors", "reserved", "free", "running", "waiting"):
         pools.add_column(column)
@@ -42,5 +47,8 @@ def render_status(answer: dict[str, Any], console: Console | None = None) -> Non
     queues.add_column("depth", justify="right")
     for name, depth in answer["queues"].items():
         queues.add_row(name, str(depth))
-    console.print(pools, nodes, queues)
-    console.print("limits: " + ", ".join(f"{k}={v}" for k, v in answer["limits"].items()))
+    limits = Text("limits: " + ", ".join(f"{k}={v}" for k, v in answer["limits"].items()))
+    parts: list[RenderableType] = [pools, nodes, queues, limits]
+    if caption:
+        parts.insert(0, Text(caption, style="dim"))
+    return Group(*parts)

@@ -6,31 +6,21 @@ the active one's connection drops. Task queues dead-letter to `swarm.dead`, so a
 `expiration` runs out while queued is dead-lettered by RabbitMQ itself.
 """
 
-from typing import Any
-
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 from schemas.topology import (
     CONTROL_QUEUE,
+    CONTROL_QUEUE_ARGUMENTS,
     DEAD_EXCHANGE,
     DEAD_QUEUE,
+    DEAD_QUEUE_ARGUMENTS,
     RESULTS_EXCHANGE,
+    TASK_QUEUE_ARGUMENTS,
     TASK_TYPES,
     TASKS_EXCHANGE,
     task_queue,
 )
-
-TASK_QUEUE_ARGUMENTS: dict[str, Any] = {
-    "x-queue-type": "quorum",
-    "x-single-active-consumer": True,
-    "x-dead-letter-exchange": DEAD_EXCHANGE,
-}
-CONTROL_QUEUE_ARGUMENTS: dict[str, Any] = {
-    "x-queue-type": "quorum",
-    "x-single-active-consumer": True,
-}
-DEAD_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
 
 
 class Topology:

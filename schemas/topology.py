@@ -1,6 +1,6 @@
 """Names of the exchanges and queues that make up the wire topology (PROTOCOL version 1)."""
 
-from typing import Final
+from typing import Any, Final
 
 PROTOCOL_VERSION: Final = 1
 CONTENT_TYPE: Final = "application/msgpack"
@@ -32,3 +32,21 @@ ORIGINAL_USER_HEADER: Final = "x-swarm-original-user-id"
 def task_queue(task_type: str) -> str:
     """The durable queue of one task type, e.g. `swarm.tasks.inference`."""
     return f"{TASKS_EXCHANGE}.{task_type}"
+
+
+# The arguments every daemon declares its queues with: part of the contract ("the same for
+# every daemon"), so they live with the names.
+TASK_QUEUE_ARGUMENTS: Final[dict[str, Any]] = {
+    "x-queue-type": "quorum",
+    "x-single-active-consumer": True,
+    "x-dead-letter-exchange": DEAD_EXCHANGE,
+}
+CONTROL_QUEUE_ARGUMENTS: Final[dict[str, Any]] = {
+    "x-queue-type": "quorum",
+    "x-single-active-consumer": True,
+}
+DEAD_QUEUE_ARGUMENTS: Final[dict[str, Any]] = {"x-queue-type": "quorum"}
+# Control answers' type on swarm.results (routing key `control.<status>`).
+CONTROL_ROUTING_TYPE: Final = "control"
+# Swarm's own dead-letter code: the reply could not reach `reply_to`.
+REPLY_UNDELIVERABLE: Final = "reply_undeliverable"

@@ -15,6 +15,15 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
+# docker-compose checks docker-compose.yml (tests/test_compose.py; no Docker engine needed).
+# Best effort: without it that test is skipped.
+if ! command -v docker-compose >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing docker-compose (apt-get)" >&2
+  apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose; }
+  { apt_install || { apt-get update -qq && apt_install; }; } >/dev/null 2>&1 \
+    || echo "docker-compose not installed: tests/test_compose.py will be skipped" >&2
+fi
+
 amqp_up() {
   .venv/bin/python - <<'PY'
 import asyncio, os, sys

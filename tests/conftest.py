@@ -82,6 +82,7 @@ async def start_daemon(amqp_url: str, ray_address: str) -> AsyncIterator[DaemonF
             "cpu_pool_min": 1,
             "cpu_pool_max": 1,
             "drain_timeout_s": 5.0,
+            "metrics_port": 0,  # any free port: tests run many daemons on one host
         }
         values.update(overrides)
         daemon = Daemon(Settings(**values))

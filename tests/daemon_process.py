@@ -18,6 +18,7 @@ class DaemonProcess:
             "AMQP_URL": amqp_url,
             "RAY_ADDRESS": ray_address,
             "SWARM_LOG_FORMAT": "json",
+            "SWARM_METRICS_PORT": "0",
             "SWARM_CPU_POOL_MIN": "1",
         }
         self.env.update({f"SWARM_{key.upper()}": str(value) for key, value in settings.items()})

@@ -4,10 +4,13 @@ import asyncio
 import json
 import os
 import subprocess
+from pathlib import Path
 
 from daemon_process import SWARM
 
 from broker.daemon import Daemon
+
+CHECKED_IN_ASYNCAPI = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.json"
 
 
 async def _swarm(
@@ -71,3 +74,17 @@ async def test_unreachable_ray_is_one_clear_line(amqp_url: str) -> None:
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("swarm: cannot reach the Ray cluster at 127.0.0.1:1")
+
+
+async def test_status_watch_redraws_until_its_count(daemon: Daemon, amqp_url: str) -> None:
+    done = await _swarm("status", "--watch", "--interval", "0.2", "--count", "3", amqp_url=amqp_url)
+    assert done.returncode == 0, done.stderr
+    assert "refresh 3 every 0.2 s" in done.stdout
+    assert "pools" in done.stdout and "swarm.tasks.inference" in done.stdout
+
+
+async def test_asyncapi_prints_the_checked_in_document(amqp_url: str) -> None:
+    done = await _swarm("asyncapi", amqp_url=amqp_url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == CHECKED_IN_ASYNCAPI.read_text()
+    assert json.loads(done.stdout)["asyncapi"] == "3.0.0"
