@@ -119,11 +119,9 @@ class RayActorPool:
         more CPU than the whole AMQP round trip of a task, so under load this is the cheaper
         path by far, and for an inline handler it delays no result.
         """
-        import ray.exceptions
+        import ray
 
-        handle = self._handles.get(key)
-        if handle is None:
-            raise WorkerLost(key, "the actor was already removed from its pool")
+        handle = self._handle(key)
         call = (handler, task_type, args, timeout_s)
         ref = None
         try:
@@ -142,11 +140,8 @@ class RayActorPool:
             if ref is not None:
                 ray.cancel(ref)
             raise
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-            raise WorkerLost(key, type(exc).__name__) from exc
-        except ray.exceptions.RayTaskError as exc:
-            # Only BaseExceptions (SystemExit, KeyboardInterrupt) escape WorkerActor.run.
-            return RunOutcome(ok=False, error_code="handler_error", error_message=str(exc.cause))
+        except Exception as exc:
+            return _failed_call(key, exc)
         return outcome
 
     async def run_streaming(
@@ -161,11 +156,9 @@ class RayActorPool:
         on_progress: Callable[[bytes], None],
     ) -> RunOutcome:
         """`run`, handing each progress report (msgpack bytes) to `on_progress` as it comes."""
-        import ray.exceptions
+        import ray
 
-        handle = self._handles.get(key)
-        if handle is None:
-            raise WorkerLost(key, "the actor was already removed from its pool")
+        handle = self._handle(key)
         stream = handle.run_streaming.options(num_returns="streaming").remote(
             handler, task_type, args, timeout_s, task_id, attempt
         )
@@ -179,11 +172,15 @@ class RayActorPool:
         except asyncio.CancelledError:
             ray.cancel(stream)
             raise
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-            raise WorkerLost(key, type(exc).__name__) from exc
-        except ray.exceptions.RayTaskError as exc:
-            return RunOutcome(ok=False, error_code="handler_error", error_message=str(exc.cause))
+        except Exception as exc:
+            return _failed_call(key, exc)
         raise WorkerLost(key, "the actor's stream ended without an outcome")
+
+    def _handle(self, key: str) -> Any:
+        handle = self._handles.get(key)
+        if handle is None:
+            raise WorkerLost(key, "the actor was already removed from its pool")
+        return handle
 
     def remove(self, key: str) -> ActorInfo | None:
         """Forget an actor (lost, or idle and retired) and make sure its process is gone."""
@@ -199,3 +196,15 @@ class RayActorPool:
     def stop(self) -> None:
         for key in list(self._handles):
             self.remove(key)
+
+
+def _failed_call(key: str, exc: Exception) -> RunOutcome:
+    """A Ray call that raised: the actor died (WorkerLost, retried elsewhere), or the method
+    itself raised, which only BaseExceptions (SystemExit, ...) do past WorkerActor.run."""
+    import ray.exceptions
+
+    if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+        raise WorkerLost(key, type(exc).__name__) from exc
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        return RunOutcome(ok=False, error_code="handler_error", error_message=str(exc.cause))
+    raise exc
