@@ -18,26 +18,41 @@ Invalid lines, error replies and replies that never came are appended to
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
-from pydantic import ValidationError
-
+from broker.backfill_files import (
+    AppendLog,
+    count_lines,
+    default_errors_path,
+    default_state_path,
+    derive_id,
+    load_done,
+    parse_line,
+    task_lines,
+)
 from broker.client import SwarmClient
 from broker.ratelimit import TokenBucket
 from schemas.reply import Reply
 from schemas.task import TaskMessage
-from schemas.topology import PROTOCOL_VERSION
 
-ID_PREFIX = "bf-"
-ID_HEX_CHARS = 32  # 128 bits of sha256: collisions are not a concern for any file size
+__all__ = [
+    "BackfillProgress",
+    "BackfillSummary",
+    "InvalidLine",
+    "backfill",
+    "default_errors_path",
+    "default_state_path",
+    "derive_id",
+    "parse_line",
+]
+
 MAX_TEXT_CHARS = 10_000  # of an invalid line, copied into the errors file
 REQUIRED_KEYS = {"v", "id", "type", "handler", "args"}  # send() takes these as arguments
 
@@ -109,104 +124,12 @@ class BackfillSummary:
         return not self.invalid and not self.missing
 
 
-def default_state_path(source: Path) -> Path:
-    return source.with_name(source.name + ".done")
-
-
-def default_errors_path(source: Path) -> Path:
-    return source.with_name(source.name + ".errors.jsonl")
-
-
-def derive_id(fields: dict[str, Any]) -> str:
-    """The id of a line without one: stable across runs, whatever the line's spacing or key
-    order."""
-    content = {key: value for key, value in fields.items() if key != "id"}
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return ID_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()[:ID_HEX_CHARS]
-
-
-def parse_line(text: str) -> TaskMessage | str:
-    """The task of one line, or the reason it is not one."""
-    try:
-        fields = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return f"not JSON: {exc.msg} (column {exc.colno})"
-    if not isinstance(fields, dict):
-        return f"not a JSON object but {type(fields).__name__}"
-    task_id = fields.get("id")
-    if task_id is None:
-        task_id = derive_id(fields)
-    try:
-        return TaskMessage.model_validate({"v": PROTOCOL_VERSION, **fields, "id": task_id})
-    except ValidationError as exc:
-        return "; ".join(_describe(error) for error in exc.errors())
-
-
-def _describe(error: Any) -> str:
-    where = ".".join(str(part) for part in error["loc"]) or "task"
-    if error["type"] == "extra_forbidden":
-        return f"unknown key {where!r}"
-    return f"{where}: {error['msg']}"
-
-
-def count_lines(source: Path) -> int:
-    """Lines that hold something; blank lines are not tasks and are not counted."""
-    return sum(1 for _ in _lines(source))
-
-
-def _lines(source: Path) -> Generator[tuple[int, str], None, None]:
-    # Plain buffered reads: each is a memory copy, short enough not to stall the event loop.
-    with source.open(encoding="utf-8") as lines:
-        for number, text in enumerate(lines, start=1):
-            if text.strip():
-                yield number, text
-
-
-def load_done(state: Path) -> set[str]:
-    """The ids a previous run recorded. A torn last line (a crash mid-write) holds a partial id
-    that matches nothing, so that task is sent again: harmless, its id is the same."""
-    if not state.exists():
-        return set()
-    with state.open(encoding="utf-8") as lines:
-        return {text.strip() for text in lines if text.strip()}
-
-
-class _AppendLog:
-    """A file appended to one line at a time, flushed at once, and opened on first use (a run
-    without errors leaves no empty errors file behind)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._handle: IO[str] | None = None
-
-    def append(self, line: str) -> None:
-        if self._handle is None:
-            self._handle = self._open()
-        self._handle.write(line + "\n")
-        self._handle.flush()
-
-    def _open(self) -> IO[str]:
-        handle = self.path.open("a", encoding="utf-8")
-        if handle.tell() > 0:
-            # End a torn last line (a crash mid-write) so the next record starts clean.
-            with self.path.open("rb") as raw:
-                raw.seek(-1, 2)
-                if raw.read(1) != b"\n":
-                    handle.write("\n")
-        return handle
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-
 @dataclass
 class _Run:
     total: int
     done: set[str]
-    state_log: _AppendLog
-    errors_log: _AppendLog
+    state_log: AppendLog
+    errors_log: AppendLog
     slots: asyncio.Semaphore
     reply_timeout_s: float | None
     on_progress: Callable[[BackfillProgress], None] | None
@@ -325,7 +248,7 @@ async def backfill(
     started_s = time.monotonic()
     seen: set[str] = set()
     waiting: set[asyncio.Task[None]] = set()
-    state_log, errors_log = _AppendLog(state), _AppendLog(errors)
+    state_log, errors_log = AppendLog(state), AppendLog(errors)
     with contextlib.closing(state_log), contextlib.closing(errors_log):
         run = _Run(
             total=count_lines(source),
@@ -337,7 +260,7 @@ async def backfill(
             on_progress=on_progress,
         )
         try:
-            with contextlib.closing(_lines(source)) as lines:
+            with contextlib.closing(task_lines(source)) as lines:
                 for number, text in lines:
                     task = parse_line(text)
                     if isinstance(task, str):
