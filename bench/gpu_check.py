@@ -111,6 +111,9 @@ async def main(scale: float) -> dict[str, Any]:
 
     # Inference placed by the scheduler (no pin): the GPU pool, batched in the actor.
     rows = [[0.01 * ((i * 7 + j) % 100) for j in range(TRAIN["features"])] for i in range(64)]
+    # The GPU-trained model; the CPU-trained one where no GPU pool runs (a smoke run).
+    gpu_trained = report["train_on_gpu_batch_4096"]["status"] == "ok"
+    model = "gpu-check-gpu" if gpu_trained else "gpu-check-cpu"
     # The GPU share per inference task bounds how many the ledger admits to one actor at once,
     # and so the largest batch: the default (0.25) admits 4, a share of 1/64 a full batch.
     for count, share in (
@@ -123,9 +126,7 @@ async def main(scale: float) -> dict[str, Any]:
         outcomes = await asyncio.gather(
             *(
                 processor.process(
-                    delivery(
-                        "inference", "predict", {"model": "gpu-check-gpu", "inputs": rows}, **extra
-                    )
+                    delivery("inference", "predict", {"model": model, "inputs": rows}, **extra)
                 )
                 for _ in range(count)
             )

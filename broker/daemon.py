@@ -1,9 +1,9 @@
 """The daemon: wires Ray pools, the ledger, the scheduler and AMQP, and runs until stopped."""
 
 import asyncio
-import contextlib
 import signal
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -25,6 +25,7 @@ from workers.registry import load_handlers
 log = structlog.get_logger("swarm.daemon")
 
 NODE_REFRESH_S = 5.0
+BACKGROUND_STOP_S = 5.0
 
 
 class Daemon:
@@ -47,6 +48,7 @@ class Daemon:
         self._metrics_server: MetricsServer | None = None
         self._metrics_refresher: asyncio.Task[None] | None = None
         self._metrics_ticker: asyncio.Task[None] | None = None
+        self._on_stop_signal: Callable[[], None] | None = None
         self._stopped = asyncio.Event()
         self._refresher: asyncio.Task[None] | None = None
 
@@ -66,6 +68,7 @@ class Daemon:
         await asyncio.to_thread(
             cluster.connect, self.settings.ray_address, num_cpus=self.settings.ray_num_cpus
         )
+        self._handle_stop_signals()
         await self.pools.start()
         tasks = TaskProcessor(self.settings, self.registry, self.scheduler, self.pools, self.store)
         self.tasks = tasks
@@ -106,6 +109,17 @@ class Daemon:
             handlers=self.registry.names(),
             metrics_port=self.metrics_port,
         )
+
+    def _handle_stop_signals(self) -> None:
+        """SIGTERM and SIGINT to `serve`'s stop. Again once Ray is joined: joining installs
+        Ray's native failure-signal handler for SIGTERM over ours, and a SIGTERM that reached
+        it logged a stack and aborted the process (exit -6) or left it running, instead of
+        draining and exiting 0."""
+        if self._on_stop_signal is None:
+            return  # started by a caller that handles signals itself (tests, embedding)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_stop_signal)
 
     def _start_metrics_server(self) -> None:
         port = self.settings.metrics_port
@@ -164,16 +178,24 @@ class Daemon:
     async def stop(self) -> None:
         """Stop taking work, let in-flight tasks finish within the drain deadline, requeue the
         rest, and release the pools."""
+        self.metrics.ready = False
+        # First, and with a bound: a refresh cancelled inside a channel's open or close (the
+        # queue depths) left aio-pika waiting on a frame that never came, and the stop hung.
+        background = [
+            task
+            for task in (self._refresher, self._metrics_refresher, self._metrics_ticker)
+            if task is not None
+        ]
+        for task in background:
+            task.cancel()
+        if background:
+            _, stuck = await asyncio.wait(background, timeout=BACKGROUND_STOP_S)
+            if stuck:
+                log.warning("background tasks did not stop in time", tasks=len(stuck))
         if self._ingress is not None:
             await self._ingress.stop_consuming()
             requeued = await self._ingress.drain(self.settings.drain_timeout_s)
             log.info("drained", requeued=requeued)
-        self.metrics.ready = False
-        for background in (self._refresher, self._metrics_refresher, self._metrics_ticker):
-            if background is not None:
-                background.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await background
         if self._ingress is not None:
             await self._ingress.close()
         self.pools.stop()
@@ -184,9 +206,8 @@ class Daemon:
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully."""
         stop_requested = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop_requested.set)
+        self._on_stop_signal = stop_requested.set
+        self._handle_stop_signals()  # a SIGTERM while Ray starts (seconds) stops us too
         await self.start()
         await stop_requested.wait()
         log.info("stopping")

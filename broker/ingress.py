@@ -16,6 +16,8 @@ from broker.outcomes import OutcomeStore
 from broker.session import CONNECTION_ERRORS, AmqpSession
 from schemas.topology import CONTROL_QUEUE, DEAD_QUEUE, TASK_TYPES, task_queue
 
+CHANNEL_CLOSE_S = 5.0
+
 log = structlog.get_logger("swarm.ingress")
 
 RECONNECT_FIRST_S = 0.5
@@ -288,7 +290,9 @@ class Ingress:
                 depths[name] = int(declared.declaration_result.message_count or 0)
             return depths
         finally:
-            await channel.close()
+            # Bounded: closing a channel whose last call was cancelled can wait forever.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), CHANNEL_CLOSE_S)
 
     async def stop_consuming(self) -> None:
         """Stop taking new deliveries; those in flight go on."""

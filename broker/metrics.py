@@ -8,6 +8,7 @@ touches the daemon's live structures.
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -199,8 +200,15 @@ class MetricsServer:
             host, port, metrics.wsgi_app(), _ThreadingServer, handler_class=_QuietHandler
         )
         self.port: int = self._server.server_port
-        self._thread = Thread(target=self._server.serve_forever, name="swarm-metrics", daemon=True)
+        self._thread = Thread(target=self._serve, name="swarm-metrics", daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        # SIGTERM and SIGINT are the daemon's to handle, on its main thread: delivered to
+        # this thread instead, they met Ray's native signal handler there, which aborted the
+        # process (exit -6) instead of letting the daemon drain. Request threads inherit this.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        self._server.serve_forever()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -153,8 +153,14 @@ class TaskProcessor:
             self._settings.lease_renew_s,
             lambda: keeper.append(asyncio.create_task(self._keep_lease(delivery, active))),
         )
+        request = placement.request
+        spec = self._registry.get(task.handler)
+        if spec is not None and spec.batch_max is not None:
+            # Up to batch_max runs of a batch handler are one call on the actor: together they
+            # use what one run asks, so the ledger admits a full batch to one actor.
+            request = request.shared_by(spec.batch_max)
         try:
-            return await self._run(delivery, task, placement.pool, placement.request, active)
+            return await self._run(delivery, task, placement.pool, request, active)
         except asyncio.CancelledError:
             if not active.cancel_requested:
                 raise  # shutting down: the ingress hands the task back to RabbitMQ
@@ -206,7 +212,9 @@ class TaskProcessor:
         )
         ran_ms = 0.0
         spec = self._registry.get(task.handler)
-        coalesce = spec is not None and spec.is_inline
+        # Inline runs return at once, and a batch handler's runs wait for each other anyway:
+        # both may share a Ray call with the other runs of the same handler on the actor.
+        coalesce = spec is not None and (spec.is_inline or spec.batch_max is not None)
         streaming = spec is not None and spec.wants_context and delivery.wants_progress
         while True:
             actor = await self._scheduler.acquire(pool, request, task.priority or 0, delivery.queue)

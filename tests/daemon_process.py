@@ -77,4 +77,11 @@ class DaemonProcess:
 
     async def wait(self, timeout_s: float = 60.0) -> int:
         assert self.process is not None
-        return await asyncio.wait_for(self.process.wait(), timeout_s)
+        try:
+            return await asyncio.wait_for(self.process.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            events = [entry.get("event") for entry in self.log[-12:]]
+            raise AssertionError(
+                f"the daemon did not exit within {timeout_s:g} s; last events {events}; "
+                "other output:\n" + "\n".join(self.other[-20:])
+            ) from None

@@ -46,3 +46,27 @@ async def test_a_killed_actor_fails_every_queued_run(actor: Any) -> None:
     waiters = [coalescer.submit(("echo", "inference", n, None)) for n in range(5)]
     results = await asyncio.gather(*waiters, return_exceptions=True)
     assert all(isinstance(r, ray.exceptions.RayActorError) for r in results), results
+
+
+@pytest.fixture
+def diagnostics_actor(ray_cluster: Cluster) -> Any:
+    import ray
+
+    handle = (
+        ray.remote(WorkerActor)
+        .options(num_cpus=0.1, max_restarts=0)
+        .remote("cpu", ["workers.diagnostics"])
+    )
+    ray.get(handle.describe.remote())
+    yield handle
+    ray.kill(handle, no_restart=True)
+
+
+async def test_a_batch_handlers_runs_in_one_call_become_one_batch(diagnostics_actor: Any) -> None:
+    coalescer = CallCoalescer(diagnostics_actor)
+    waiters = [coalescer.submit(("batch_echo", "inference", n, None)) for n in range(16)]
+    outcomes = await asyncio.gather(*waiters)
+    results = [msgpack.unpackb(o.payload) for o in outcomes]
+    assert [r["item"] for r in results] == list(range(16))
+    assert {r["batch"] for r in results} == {16}, "all 16 ran as one batch"
+    assert coalescer.calls_sent == 1

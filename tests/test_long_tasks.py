@@ -58,7 +58,8 @@ async def test_daemon_killed_after_a_renewal_the_copy_carries_the_task(
         reply = await inbox.one()
     finally:
         second.terminate()
-        assert await second.wait() == 0
+        code = await second.wait()
+        assert code == 0, "\n".join(second.other[-20:])
     assert reply.payload["id"] == "carried"
     assert reply.payload["status"] == "ok"
     assert runs(journal) == 0

@@ -10,7 +10,7 @@ from conftest import DaemonFactory
 from broker.client import SwarmClient
 from broker.daemon import Daemon
 from schemas.progress import ProgressMessage
-from workers.workloads.mlp import generate_dataset
+from workers.workloads.mlp import generate_dataset, train
 from workers.workloads.store import ModelStore
 
 GENERATE = {"samples": 600, "features": 6, "classes": 3, "seed": 7}
@@ -147,3 +147,27 @@ async def test_workload_args_are_checked_before_any_work(
     assert bad_name.error is not None and bad_name.error.code == "invalid"
     assert unknown_column.error is not None and unknown_column.error.code == "handler_error"
     assert "b" in unknown_column.error.message
+
+
+async def test_queued_predict_tasks_run_as_one_batch(
+    start_daemon: DaemonFactory, amqp_url: str, tmp_path: Path
+) -> None:
+    """40 tasks already queued when the daemon starts: the ledger admits them all to the one
+    actor (a batch handler's runs share its request), and they reach the model together."""
+    x, y = generate_dataset(**GENERATE)
+    trained = train(x, y, epochs=5, backend="numpy")
+    ModelStore(tmp_path / "models").save("queued", trained.weights, {})
+    async with SwarmClient(amqp_url, reply_timeout_s=120) as client:  # declares the topology
+        futures = [
+            await client.send(
+                "inference", "predict", {"model": "queued", "inputs": x[n : n + 1].tolist()}
+            )
+            for n in range(40)
+        ]
+        await start_daemon(model_dir=tmp_path / "models", cpu_pool_max=1)
+        replies = await asyncio.wait_for(asyncio.gather(*futures), 120)
+    assert all(r.status == "ok" for r in replies), replies[0].error
+    batches = sorted(r.result["batch"] for r in replies)
+    print(f"batch sizes: {batches}")
+    # Without the shared request the ledger admitted 20 (0.05 CPU each on a 1-CPU actor).
+    assert batches[-1] > 20

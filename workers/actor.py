@@ -152,8 +152,12 @@ class WorkerActor:
             run.cancel()  # a no-op once done; stops the handler when the call was cancelled
 
     async def run_many(self, calls: list[tuple[str, str, Any, float | None]]) -> list[RunOutcome]:
-        """Several runs in one call (workers/coalescing.py), one after another: only inline
-        handlers are coalesced, and they return at once."""
+        """Several runs of one handler in one call (workers/coalescing.py). Inline ones one
+        after another (they return at once; no task per run); a batch handler's all at once,
+        so that they reach its batcher together and run as one batch."""
+        spec = self._registry.get(calls[0][0]) if calls else None
+        if spec is not None and spec.batch_max is not None:
+            return list(await asyncio.gather(*(self.run(*call) for call in calls)))
         return [await self.run(*call) for call in calls]
 
     async def _call(

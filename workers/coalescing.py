@@ -4,8 +4,9 @@ A Ray call costs more CPU than a task's whole AMQP round trip, so under load one
 task caps throughput. Here, at most `MAX_CALLS_IN_FLIGHT` calls per actor are outstanding;
 runs submitted meanwhile queue and leave together, as one `run_many` call, when a call
 returns. Unloaded, a run leaves at once as a plain `run`: nothing waits for company. Only
-inline handlers (workers/registry.py: sync, `blocking=False`) are coalesced, since they
-return at once and so hold no result of their batch back.
+inline handlers (workers/registry.py: sync, `blocking=False`), which return at once, and
+batch handlers, whose runs are meant to wait for each other, are coalesced: no result is held
+back by a slow neighbour. There is one coalescer per actor and handler.
 """
 
 import asyncio

@@ -50,7 +50,7 @@ class RayActorPool:
         self._handles: dict[str, Any] = {}
         self._infos: dict[str, ActorInfo] = {}
         self._serial = itertools.count()
-        self._coalescers: dict[str, CallCoalescer] = {}
+        self._coalescers: dict[tuple[str, str], CallCoalescer] = {}
 
     @property
     def actors(self) -> list[ActorInfo]:
@@ -114,10 +114,10 @@ class RayActorPool:
     ) -> RunOutcome:
         """Run one task on the actor `key`. Raises WorkerLost if the actor dies under it.
 
-        With `coalesce` (for inline handlers, which return at once), the runs for one actor
-        submitted in the same event-loop iteration travel in one Ray call: a Ray call costs
-        more CPU than the whole AMQP round trip of a task, so under load this is the cheaper
-        path by far, and for an inline handler it delays no result.
+        With `coalesce` (inline handlers, which return at once, and batch handlers, whose runs
+        wait for each other anyway), the runs of one handler for one actor travel together in
+        one Ray call (workers/coalescing.py): a Ray call costs more CPU than the whole AMQP
+        round trip of a task, so under load this is the cheaper path by far.
         """
         import ray
 
@@ -126,9 +126,10 @@ class RayActorPool:
         ref = None
         try:
             if coalesce:
-                coalescer = self._coalescers.get(key)
+                # One per actor and handler: a batch in flight never holds inline runs back.
+                coalescer = self._coalescers.get((key, handler))
                 if coalescer is None:
-                    coalescer = self._coalescers[key] = CallCoalescer(handle)
+                    coalescer = self._coalescers[(key, handler)] = CallCoalescer(handle)
                 outcome: RunOutcome = await coalescer.submit(call)
             else:
                 ref = handle.run.remote(*call, task_id, attempt)
@@ -188,7 +189,8 @@ class RayActorPool:
 
         handle = self._handles.pop(key, None)
         info = self._infos.pop(key, None)
-        self._coalescers.pop(key, None)
+        for coalesced in [k for k in self._coalescers if k[0] == key]:
+            del self._coalescers[coalesced]
         if handle is not None:
             ray.kill(handle, no_restart=True)
         return info

@@ -22,6 +22,10 @@ class ResourceVector:
             self.cpus - other.cpus, self.gpus - other.gpus, self.memory_mb - other.memory_mb
         )
 
+    def shared_by(self, parts: int) -> "ResourceVector":
+        """One of `parts` equal shares: what one run of a batch of `parts` uses."""
+        return ResourceVector(self.cpus / parts, self.gpus / parts, self.memory_mb // parts)
+
     def fits_in(self, capacity: "ResourceVector") -> bool:
         return (
             self.cpus <= capacity.cpus + EPSILON
