@@ -215,7 +215,9 @@ class TaskProcessor:
         # Inline runs return at once, and a batch handler's runs wait for each other anyway:
         # both may share a Ray call with the other runs of the same handler on the actor.
         coalesce = spec is not None and (spec.is_inline or spec.batch_max is not None)
-        streaming = spec is not None and spec.wants_context and delivery.wants_progress
+        # Streamed only when someone listens and the handler can speak: a stream is a Ray call
+        # of its own, which would also take a batch handler's runs out of their shared call.
+        streaming = spec is not None and spec.can_report_progress and delivery.wants_progress
         while True:
             actor = await self._scheduler.acquire(pool, request, task.priority or 0, delivery.queue)
             started = time.monotonic()

@@ -45,6 +45,12 @@ class HandlerSpec:
     setup: Callable[[Any], Any] | None = None
 
     @property
+    def can_report_progress(self) -> bool:
+        """Gets a TaskContext, whose `progress()` reaches the producer. A batch handler's
+        context is the actor's (one call serves many tasks): it reports none."""
+        return self.wants_context and self.batch_max is None
+
+    @property
     def is_inline(self) -> bool:
         """Runs on the actor's event loop and returns at once: no thread, no batch, no await."""
         return (

@@ -269,3 +269,24 @@ def test_module_failing_at_import_raises_config_error(
     name = make_module(source)
     with pytest.raises(HandlerConfigError, match=name):
         load_handlers([name])
+
+
+def test_only_single_run_handlers_with_a_context_report_progress() -> None:
+    from workers.context import ActorContext, TaskContext
+
+    @handler("with_ctx")
+    def with_ctx(args: Any, ctx: TaskContext) -> Any:
+        return args
+
+    @handler("batch_with_ctx", batch_max=8)
+    def batch_with_ctx(items: list[Any], ctx: ActorContext) -> list[Any]:
+        return items
+
+    @handler("plain")
+    def plain(args: Any) -> Any:
+        return args
+
+    specs = {f.__name__: f.__swarm_handler__ for f in (with_ctx, batch_with_ctx, plain)}
+    assert specs["with_ctx"].can_report_progress
+    assert not specs["batch_with_ctx"].can_report_progress, "its context is the actor's"
+    assert not specs["plain"].can_report_progress
