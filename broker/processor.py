@@ -30,7 +30,7 @@ from schemas.progress import ProgressMessage
 from schemas.task import TaskMessage
 from workers.errors import WorkerLost
 from workers.pool import ActorInfo
-from workers.registry import HandlerRegistry
+from workers.registry import HandlerRegistry, HandlerSpec
 from workers.resources import ResourceVector
 
 log = structlog.get_logger("swarm.processor")
@@ -155,12 +155,13 @@ class TaskProcessor:
         )
         request = placement.request
         spec = self._registry.get(task.handler)
-        if spec is not None and spec.batch_max is not None:
+        assert spec is not None  # admit() answered unknown handlers
+        if spec.batch_max is not None:
             # Up to batch_max runs of a batch handler are one call on the actor: together they
             # use what one run asks, so the ledger admits a full batch to one actor.
             request = request.shared_by(spec.batch_max)
         try:
-            return await self._run(delivery, task, placement.pool, request, active)
+            return await self._run(delivery, task, spec, placement.pool, request, active)
         except asyncio.CancelledError:
             if not active.cancel_requested:
                 raise  # shutting down: the ingress hands the task back to RabbitMQ
@@ -203,6 +204,7 @@ class TaskProcessor:
         self,
         delivery: Delivery,
         task: TaskMessage,
+        spec: HandlerSpec,
         pool: str,
         request: ResourceVector,
         active: ActiveTask,
@@ -211,13 +213,9 @@ class TaskProcessor:
             self._settings.default_max_retries if task.max_retries is None else task.max_retries
         )
         ran_ms = 0.0
-        spec = self._registry.get(task.handler)
-        # Inline runs return at once, and a batch handler's runs wait for each other anyway:
-        # both may share a Ray call with the other runs of the same handler on the actor.
-        coalesce = spec is not None and (spec.is_inline or spec.batch_max is not None)
         # Streamed only when someone listens and the handler can speak: a stream is a Ray call
         # of its own, which would also take a batch handler's runs out of their shared call.
-        streaming = spec is not None and spec.can_report_progress and delivery.wants_progress
+        streaming = spec.can_report_progress and delivery.wants_progress
         while True:
             actor = await self._scheduler.acquire(pool, request, task.priority or 0, delivery.queue)
             started = time.monotonic()
@@ -247,14 +245,14 @@ class TaskProcessor:
                         task.timeout_s,
                         task_id=task.id,
                         attempt=active.attempts,
-                        coalesce=coalesce,
+                        coalesce=spec.shares_calls,
                     )
             except WorkerLost as error:
                 lost = error
                 ran_ms += (time.monotonic() - started) * 1000.0
                 self._pools.actor_lost(actor)
             except asyncio.CancelledError:
-                self._retire_if_stuck(task, actor)
+                self._retire_if_stuck(spec, actor)
                 raise
             finally:
                 active.running = False
@@ -293,7 +291,7 @@ class TaskProcessor:
                 )
             code = result.error_code or "handler_error"
             if code == "timeout":
-                self._retire_if_stuck(task, actor)
+                self._retire_if_stuck(spec, actor)
             retry = result.retry_delay_s is not None or (
                 code == "timeout" and self._settings.retry_timeouts
             )
@@ -328,10 +326,9 @@ class TaskProcessor:
 
         return report
 
-    def _retire_if_stuck(self, task: TaskMessage, actor: ActorInfo) -> None:
+    def _retire_if_stuck(self, spec: HandlerSpec, actor: ActorInfo) -> None:
         """A sync handler on a thread goes on after a time limit or a cancel: retire its actor."""
-        spec = self._registry.get(task.handler)
-        if spec is not None and not spec.is_async and spec.blocking:
+        if not spec.is_async and spec.blocking:
             self._pools.retire(actor)
 
     async def _pause_before_retry(self, attempt: int, delay_s: float | None) -> None:

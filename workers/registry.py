@@ -51,6 +51,12 @@ class HandlerSpec:
         return self.wants_context and self.batch_max is None
 
     @property
+    def shares_calls(self) -> bool:
+        """Its runs for one actor may travel in one Ray call (workers/coalescing.py): inline
+        runs return at once, and a batch handler's runs wait for each other anyway."""
+        return self.is_inline or self.batch_max is not None
+
+    @property
     def is_inline(self) -> bool:
         """Runs on the actor's event loop and returns at once: no thread, no batch, no await."""
         return (
