@@ -109,7 +109,9 @@ def train(
     net: _Net = (
         _NumpyNet(initial, features, labels)
         if torch is None
-        else _TorchNet(torch, _torch_device(torch, use_gpu), initial, features, labels)
+        else mlp_torch().TorchNet(
+            torch, mlp_torch().device(torch, use_gpu), initial, features, labels
+        )
     )
     loss = accuracy = math.nan
     for epoch in range(1, epochs + 1):
@@ -145,10 +147,15 @@ def predict(
             f"x has {features.shape[1]} features but the model expects {checked['w1'].shape[0]}"
         )
     if torch is not None:
-        return _predict_torch(torch, _torch_device(torch, use_gpu), checked, features)
+        torch_backend = mlp_torch()
+        on_device = torch_backend.device(torch, use_gpu)
+        predicted: tuple[Labels, Floats] = torch_backend.predict(
+            torch, on_device, checked, features
+        )
+        return predicted
     labels = np.empty(len(features), dtype=np.int64)
     probabilities = np.empty((len(features), checked["w2"].shape[1]), dtype=np.float32)
-    for rows in _row_chunks(len(features), _widest(checked)):
+    for rows in row_chunks(len(features), widest(checked)):
         logits = _logits(checked, features[rows])
         labels[rows] = logits.argmax(axis=1)
         probabilities[rows] = np.exp(_log_softmax(logits))
@@ -255,12 +262,12 @@ def _initial_weights(features: int, hidden: int, classes: int, rng: np.random.Ge
     }
 
 
-def _widest(weights: Weights) -> int:
+def widest(weights: Weights) -> int:
     features, hidden = weights["w1"].shape
     return max(int(features), int(hidden), int(weights["w2"].shape[1]))
 
 
-def _row_chunks(samples: int, width: int) -> Iterator[slice]:
+def row_chunks(samples: int, width: int) -> Iterator[slice]:
     step = max(1, CHUNK_ELEMENTS // width)
     for start in range(0, samples, step):
         yield slice(start, start + step)
@@ -315,7 +322,7 @@ class _NumpyNet:
 
     def evaluate(self) -> tuple[float, float]:
         total_loss, correct = 0.0, 0
-        for rows in _row_chunks(len(self._x), _widest(self._w)):
+        for rows in row_chunks(len(self._x), widest(self._w)):
             logits, y = _logits(self._w, self._x[rows]), self._y[rows]
             total_loss -= float(_log_softmax(logits)[np.arange(len(y)), y].sum(dtype=np.float64))
             correct += int((logits.argmax(axis=1) == y).sum())
@@ -326,6 +333,11 @@ class _NumpyNet:
 
 
 # ---- PyTorch, imported only when asked for --------------------------------------------------
+
+
+def mlp_torch() -> Any:
+    """The PyTorch backend module, imported only once torch is chosen (it imports this one)."""
+    return importlib.import_module("workers.workloads.mlp_torch")
 
 
 def _load_backend(backend: str) -> Any | None:
@@ -343,70 +355,3 @@ def _load_backend(backend: str) -> Any | None:
                 "(install swarm-broker[torch]), or use backend='numpy' or 'auto'"
             ) from error
         return None
-
-
-def _torch_device(torch: Any, use_gpu: bool) -> Any:
-    if use_gpu and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _torch_logits(torch: Any, params: Mapping[str, Any], x: Any) -> Any:
-    hidden = torch.tanh(x @ params["w1"] + params["b1"])
-    return hidden @ params["w2"] + params["b2"]
-
-
-class _TorchNet:
-    def __init__(self, torch: Any, device: Any, weights: Weights, x: Floats, y: Labels) -> None:
-        self._torch = torch
-        self._params = {
-            key: torch.tensor(value, device=device, requires_grad=True)
-            for key, value in weights.items()
-        }
-        # torch.tensor copies: the caller's arrays may be read-only, which from_numpy warns on.
-        self._x = torch.tensor(x, device=device)
-        self._y = torch.tensor(y, device=device)
-        self._widest = _widest(weights)
-        self.device = str(self._x.device)
-
-    def run_epoch(self, order: npt.NDArray[np.int64], batch_size: int, lr: float) -> None:
-        torch, params = self._torch, self._params
-        order_on_device = torch.from_numpy(order).to(self._x.device)
-        tensors = [params[key] for key in WEIGHT_KEYS]
-        for start in range(0, len(order), batch_size):
-            rows = order_on_device[start : start + batch_size]
-            logits = _torch_logits(torch, params, self._x[rows])
-            loss = torch.nn.functional.cross_entropy(logits, self._y[rows])
-            grads = torch.autograd.grad(loss, tensors)
-            with torch.no_grad():
-                for tensor, grad in zip(tensors, grads, strict=True):
-                    tensor.sub_(grad, alpha=lr)
-
-    def evaluate(self) -> tuple[float, float]:
-        torch, samples = self._torch, len(self._x)
-        total_loss, correct = 0.0, 0
-        with torch.no_grad():
-            for rows in _row_chunks(samples, self._widest):
-                logits, y = _torch_logits(torch, self._params, self._x[rows]), self._y[rows]
-                loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-                total_loss += float(loss.item())
-                correct += int((logits.argmax(dim=1) == y).sum().item())
-        return total_loss / samples, correct / samples
-
-    def weights(self) -> Weights:
-        return {
-            key: value.detach().cpu().numpy().astype(np.float32, copy=True)
-            for key, value in self._params.items()
-        }
-
-
-def _predict_torch(torch: Any, device: Any, weights: Weights, x: Floats) -> tuple[Labels, Floats]:
-    params = {key: torch.tensor(value, device=device) for key, value in weights.items()}
-    labels = np.empty(len(x), dtype=np.int64)
-    probabilities = np.empty((len(x), weights["w2"].shape[1]), dtype=np.float32)
-    with torch.no_grad():
-        for rows in _row_chunks(len(x), _widest(weights)):
-            logits = _torch_logits(torch, params, torch.tensor(x[rows], device=device))
-            labels[rows] = logits.argmax(dim=1).cpu().numpy()
-            probabilities[rows] = torch.softmax(logits, dim=1).cpu().numpy()
-    return labels, probabilities
