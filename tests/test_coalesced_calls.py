@@ -1,6 +1,7 @@
 """Coalesced runs on a real Ray actor: one call carries many runs, each gets its own result."""
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -13,18 +14,20 @@ from workers.coalescing import CallCoalescer
 RUNS = 200
 
 
-@pytest.fixture
-def actor(ray_cluster: Cluster) -> Any:
+def start_actor(handler_modules: list[str]) -> Iterator[Any]:
     import ray
 
     handle = (
-        ray.remote(WorkerActor)
-        .options(num_cpus=0.1, max_restarts=0)
-        .remote("cpu", ["workers.builtin"])
+        ray.remote(WorkerActor).options(num_cpus=0.1, max_restarts=0).remote("cpu", handler_modules)
     )
     ray.get(handle.describe.remote())
     yield handle
     ray.kill(handle, no_restart=True)
+
+
+@pytest.fixture
+def actor(ray_cluster: Cluster) -> Iterator[Any]:
+    yield from start_actor(["workers.builtin"])
 
 
 async def test_many_runs_travel_in_few_calls_each_with_its_own_result(actor: Any) -> None:
@@ -49,17 +52,8 @@ async def test_a_killed_actor_fails_every_queued_run(actor: Any) -> None:
 
 
 @pytest.fixture
-def diagnostics_actor(ray_cluster: Cluster) -> Any:
-    import ray
-
-    handle = (
-        ray.remote(WorkerActor)
-        .options(num_cpus=0.1, max_restarts=0)
-        .remote("cpu", ["workers.diagnostics"])
-    )
-    ray.get(handle.describe.remote())
-    yield handle
-    ray.kill(handle, no_restart=True)
+def diagnostics_actor(ray_cluster: Cluster) -> Iterator[Any]:
+    yield from start_actor(["workers.diagnostics"])
 
 
 async def test_a_batch_handlers_runs_in_one_call_become_one_batch(diagnostics_actor: Any) -> None:
