@@ -32,6 +32,13 @@ class Delivery:
     redelivered: bool
     received_at_s: float
     settle_token: Settlement | None = field(default=None, compare=False, repr=False)
+    # The headers table exactly as it arrived (AMQP field-table bytes, without the 4-byte
+    # length prefix), so a dead letter can carry every entry unchanged: a table decoded to
+    # Python values cannot always be encoded back (non-UTF-8 strings, doubles, long keys).
+    raw_headers: bytes | None = field(default=None, compare=False, repr=False)
+    # Why the AMQP properties could not be decoded; `properties` then holds what could be
+    # salvaged, and the task is answered `malformed` and dead-lettered.
+    properties_error: str | None = None
 
     @property
     def lease(self) -> int:
