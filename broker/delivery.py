@@ -39,13 +39,9 @@ class Delivery:
     # Why the AMQP properties could not be decoded; `properties` then holds what could be
     # salvaged, and the task is answered `malformed` and dead-lettered.
     properties_error: str | None = None
-
-    @property
-    def lease(self) -> int:
-        """0 for a task as the producer sent it; n for the n-th renewal copy."""
-        headers = self.properties.get("headers") or {}
-        value = headers.get(LEASE_HEADER, 0)
-        return value if isinstance(value, int) else 0
+    # 0 for a task as the producer sent it; n for the n-th renewal copy Swarm itself made
+    # (set by the processor once the header's seal verified: broker/leases.py).
+    lease: int = 0
 
     @property
     def wants_progress(self) -> bool:

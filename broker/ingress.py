@@ -273,7 +273,7 @@ class Ingress:
         self._progress_sends.add(task)
         task.add_done_callback(self._progress_sends.discard)
 
-    async def renew(self, delivery: Delivery, lease: int) -> None:
+    async def renew(self, delivery: Delivery, lease: str) -> None:
         """Put a renewal copy of a long task's message on its queue (confirmed)."""
         await self._ready.wait()
         assert self._session is not None

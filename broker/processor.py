@@ -15,9 +15,10 @@ import structlog
 
 from broker import tracing
 from broker.active import ActiveTask, ActiveTasks
-from broker.delivery import Delivery, Settlement
+from broker.delivery import LEASE_HEADER, Delivery, Settlement
 from broker.errors import Rejection
 from broker.intake import admit, is_expired
+from broker.leases import LeaseSeal
 from broker.outcome import Outcome, duplicate, rejected, succeeded
 from broker.outcomes import OutcomeStore
 from broker.placement import PlacementRules
@@ -53,12 +54,18 @@ class TaskProcessor:
         self._store = store
         self._rules = PlacementRules(settings)
         self.active = ActiveTasks()
-        self.renew: Callable[[Delivery, int], Awaitable[None]] = _cannot_renew
+        self.leases = LeaseSeal(
+            settings.lease_secret.get_secret_value().encode() if settings.lease_secret else None
+        )
+        # Puts a renewal copy of the delivery on its queue, with this `x-swarm-lease` value.
+        self.renew: Callable[[Delivery, str], Awaitable[None]] = _cannot_renew
         # Best effort, never awaited: a progress message must not hold up the task.
         self.publish_progress: Callable[[Delivery, bytes], None] = lambda delivery, body: None
 
     async def process(self, delivery: Delivery) -> Outcome:
         headers = delivery.properties.get("headers")
+        if headers and LEASE_HEADER in headers:
+            delivery = dataclasses.replace(delivery, lease=self.leases.verified_lease(delivery))
         trace = (
             tracing.parse(headers.get(TRACEPARENT_HEADER), headers.get(TRACESTATE_HEADER))
             if headers
@@ -193,7 +200,7 @@ class TaskProcessor:
         lease = delivery.lease
         while True:
             lease += 1
-            await self.renew(delivery, lease)
+            await self.renew(delivery, self.leases.header_value(delivery, lease))
             for settlement in held:
                 await settlement.ack()
             held, active.copies = active.copies, []
@@ -350,7 +357,7 @@ class TaskProcessor:
         )
 
 
-async def _cannot_renew(delivery: Delivery, lease: int) -> None:
+async def _cannot_renew(delivery: Delivery, lease: str) -> None:
     raise RuntimeError("no transport to renew a lease on")
 
 

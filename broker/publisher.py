@@ -130,7 +130,7 @@ class Publisher:
             mandatory=False,
         )
 
-    async def republish(self, delivery: Delivery, lease: int) -> None:
+    async def republish(self, delivery: Delivery, lease: str) -> None:
         """A copy of the task message, unchanged but for the lease header, on its own queue."""
         properties = {
             name: delivery.properties[name]

@@ -144,6 +144,11 @@ class Settings(BaseSettings):
         description="a task held this long is re-queued as a copy and acked (under "
         "RabbitMQ's consumer_timeout)",
     )
+    lease_secret: SecretStr | None = Field(
+        default=None,
+        description="key that seals renewal copies' x-swarm-lease header; the same for every "
+        "daemon of a deployment (unset: random per daemon)",
+    )
     retry_timeouts: bool = Field(
         default=False, description="retry a run that hit its timeout_s, up to max_retries"
     )

@@ -43,8 +43,11 @@ async def test_daemon_killed_after_a_renewal_the_copy_carries_the_task(
     amqp_url: str, ray_address: str, producer: RawProducer, tmp_path: Path
 ) -> None:
     journal, gate = tmp_path / "runs", tmp_path / "gate"
+    # One lease secret for both daemons, as a deployment with a standby would have: the second
+    # recognises the first's renewal copies (broker/leases.py).
+    secret = "shared-lease-secret"
     first = await DaemonProcess(
-        amqp_url, ray_address, handler_modules=DIAGNOSTICS, lease_renew_s=0.3
+        amqp_url, ray_address, handler_modules=DIAGNOSTICS, lease_renew_s=0.3, lease_secret=secret
     ).start()
     inbox = await producer.inbox("long-replies", durable=True)
     body = task("training", "wait_file", {"path": str(gate)}, id="carried")
@@ -53,7 +56,9 @@ async def test_daemon_killed_after_a_renewal_the_copy_carries_the_task(
     first.kill()
     await first.wait()
     gate.touch()
-    second = await DaemonProcess(amqp_url, ray_address, handler_modules=DIAGNOSTICS).start()
+    second = await DaemonProcess(
+        amqp_url, ray_address, handler_modules=DIAGNOSTICS, lease_secret=secret
+    ).start()
     try:
         reply = await inbox.one()
     finally:
