@@ -15,6 +15,7 @@ from broker.processor import TaskProcessor
 from broker.replies import encode_reply, error_reply
 from broker.scheduler import Scheduler
 from broker.settings import Settings
+from broker.shared_read import SharedRead
 from schemas.codec import DecodeError, decode
 from schemas.control import CancelRequest, parse_control
 from schemas.reply import Reply
@@ -40,8 +41,16 @@ class ControlProcessor:
         self._ledger: Ledger = scheduler.ledger
         self._pools = pools
         self._queue_depths = queue_depths
+        # A burst of status requests (up to the control consumer's prefetch at once) builds
+        # one answer at a time, shared by all who asked while the previous one was built.
+        self._shared_status = SharedRead(self._read_status)
 
     async def process(self, delivery: Delivery) -> Outcome:
+        if delivery.properties_error is not None:
+            # Never act on a request read in part (broker/frames.py salvaged what it could).
+            return self._invalid(
+                f"AMQP properties could not be decoded: {delivery.properties_error}"
+            )
         if delivery.content_type != CONTENT_TYPE:
             return self._invalid(f"content_type must be {CONTENT_TYPE!r}")
         try:
@@ -69,6 +78,10 @@ class ControlProcessor:
         return {"id": task_id, "state": state}
 
     async def status(self) -> dict[str, Any]:
+        """Pools, nodes, queue depths and limits, read after the request arrived."""
+        return await self._shared_status()
+
+    async def _read_status(self) -> dict[str, Any]:
         await self._pools.refresh_nodes()
         pools = {}
         for name in sorted(self._pools.names):

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import structlog
 
+from broker import memory
 from broker.connection import connect
 from broker.control import ControlProcessor
 from broker.delivery import Delivery
@@ -17,6 +18,7 @@ from broker.outcome import Outcome
 from broker.outcomes import OutcomeStore
 from broker.pools import PoolSet
 from broker.processor import TaskProcessor
+from broker.publish_stats import PublishCollector
 from broker.scheduler import Scheduler
 from broker.settings import Settings
 from workers import cluster
@@ -34,7 +36,9 @@ class Daemon:
         self.registry = load_handlers(settings.handler_modules)
         self.scheduler = Scheduler(Ledger())
         self.store = OutcomeStore(
-            settings.outcome_retention_s, settings.outcome_memory_mb * 1024 * 1024
+            settings.outcome_retention_s,
+            settings.outcome_memory_mb * 1024 * 1024,
+            max_reply_bytes=settings.outcome_max_reply_mb * 1024 * 1024,
         )
         self.pools = PoolSet(
             settings.pool_specs(),
@@ -57,6 +61,8 @@ class Daemon:
         then consume. Raises a SwarmError with a one-line explanation when RabbitMQ or Ray is
         not there."""
         amqp_url = self.settings.amqp_url.get_secret_value()
+        if self.settings.return_memory:
+            memory.map_large_buffers()  # before the first large body is allocated
         probe = await connect(amqp_url, name="swarm-daemon-probe")
         await probe.close()
         # In a thread: ray.init blocks for seconds, and off the main thread it leaves our
@@ -93,7 +99,11 @@ class Daemon:
             self.store,
             settled,
             self.settings.max_waiting_per_queue,
+            self.settings.max_held_mb * 1024 * 1024,
+            self.settings.return_memory,
         )
+        self.metrics.watch_held(self._ingress.held)
+        self.metrics.registry.register(PublishCollector(self._ingress.publish_stats))
         self.scheduler.on_tag_waiting = self._ingress.on_waiting
         tasks.renew = self._ingress.renew
         tasks.publish_progress = self._ingress.publish_progress

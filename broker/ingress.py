@@ -4,24 +4,35 @@ the outcome, and only then acknowledge. The one place that decides ack and reque
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
+from broker import memory
 from broker.delivery import Delivery
+from broker.frames import frame_extras
+from broker.held import HeldBytes
 from broker.outcome import Outcome
+from broker.outcome_publishing import OutcomePublishing
 from broker.outcomes import OutcomeStore
-from broker.session import CONNECTION_ERRORS, AmqpSession
+from broker.publish_stats import PublishStats
+from broker.queue_depths import QueueDepths
+from broker.session import AmqpSession
+from broker.shared_read import SharedRead
 from schemas.topology import CONTROL_QUEUE, DEAD_QUEUE, TASK_TYPES, task_queue
-
-CHANNEL_CLOSE_S = 5.0
 
 log = structlog.get_logger("swarm.ingress")
 
 RECONNECT_FIRST_S = 0.5
 RECONNECT_MAX_S = 10.0
+# Bounded: closing a connection that is going away can wait forever.
+SESSION_CLOSE_S = 5.0
+# Bodies settled since the last trim before an idle daemon trims its heaps again: a trim
+# walks every arena, so a trickle of small tasks must not cause one each time it goes idle.
+TRIM_AFTER_RELEASED_BYTES = 1024 * 1024
 
 Processor = Callable[[Delivery], Awaitable[Outcome]]
 
@@ -43,6 +54,9 @@ _PROPERTY_NAMES = (
 
 
 def to_delivery(message: AbstractIncomingMessage, queue: str, task_type: str | None) -> Delivery:
+    # The daemon's frame decoder (broker/frames.py) attached the raw headers table and, when a
+    # property could not be decoded, what it was; `properties` then holds what was salvaged.
+    extras = frame_extras(message)
     return Delivery(
         body=message.body,
         queue=queue,
@@ -51,19 +65,23 @@ def to_delivery(message: AbstractIncomingMessage, queue: str, task_type: str | N
         redelivered=bool(message.redelivered),
         received_at_s=time.monotonic(),
         settle_token=AmqpSettlement(message),
+        raw_headers=extras.raw_headers if extras is not None else None,
+        properties_error=extras.error if extras is not None else None,
     )
 
 
 @dataclass
 class _Consumer:
-    """One consumed queue across sessions. `paused` is the wanted state; `tag` is the live
-    consumer on the current session's channel, if any."""
+    """One consumed queue across sessions. `waiting_paused` (the scheduler's backpressure) and,
+    for a task queue, the ingress's held-bytes limit are the reasons to pause; it consumes
+    only when neither holds. `tag` is the live consumer on the current session's channel."""
 
     queue_name: str
     callback: Callable[[AbstractIncomingMessage], Awaitable[None]]
+    task_queue: bool
     queue: AbstractQueue | None = None
     tag: str | None = None
-    paused: bool = False
+    waiting_paused: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -85,6 +103,8 @@ class Ingress:
         store: OutcomeStore,
         on_settled: Callable[[Outcome], None],
         max_waiting_per_queue: int = 64,
+        max_held_bytes: int = 256 * 1024 * 1024,
+        return_memory: bool = True,
     ) -> None:
         self._url = amqp_url
         self._prefetch = prefetch
@@ -93,11 +113,24 @@ class Ingress:
         self._store = store
         self._on_settled = on_settled
         self._max_waiting = max_waiting_per_queue
+        self.held = HeldBytes(max_held_bytes)
+        self._return_memory = return_memory
+        self._released_since_trim = 0
+        self.depth_reader = QueueDepths()
+        self._shared_depths = SharedRead(self._read_depths)
+        self._applying: set[asyncio.Task[None]] = set()
+        # Notified each time a consumer was brought to its wanted state (paused or resumed).
+        self.consumers_changed = asyncio.Condition()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._consumers: dict[str, _Consumer] = {}
         self._session: AmqpSession | None = None
         self._progress_sends: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()
+        # Refused, cut down, stripped and abandoned publishes, across sessions (metrics).
+        self.publish_stats = PublishStats()
+        self._outcomes_out = OutcomePublishing(
+            self._ready, lambda: self._session, self.publish_stats
+        )
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         # Deliveries seen, how many RabbitMQ marked redelivered, and sessions opened.
@@ -119,23 +152,87 @@ class Ingress:
             delivery = to_delivery(message, queue_name, task_type)
             self.received += 1
             self.redelivered += delivery.redelivered
+            size = len(message.body)
+            if self.held.hold(size):
+                self._held_limit_changed()
             task = asyncio.create_task(self._handle(delivery, process))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
+            # _handle ends once the delivery is settled (or handed back): its body is let go.
+            task.add_done_callback(lambda _: self._release(size))
 
-        self._consumers[queue_name] = _Consumer(queue_name, on_message)
+        self._consumers[queue_name] = _Consumer(
+            queue_name, on_message, task_queue=task_type is not None
+        )
+
+    def _release(self, size: int) -> None:
+        if self.held.release(size):
+            self._held_limit_changed()
+        self._released_since_trim += size
+        if self.held.held == 0 and self._released_since_trim >= TRIM_AFTER_RELEASED_BYTES:
+            # Idle after large deliveries: give the heaps' free pages back, off the loop.
+            self._released_since_trim = 0
+            if self._return_memory:
+                self._background(self._trim())
+
+    async def _trim(self) -> None:
+        returned = await asyncio.to_thread(memory.trim)
+        log.info(
+            "idle after large deliveries: heaps trimmed",
+            returned=returned,
+            released_bytes_total=self.held.released_total,
+        )
+
+    def _held_limit_changed(self) -> None:
+        log.info(
+            "task consumers paused: held bodies at their limit"
+            if self.held.over
+            else "task consumers resumed: held bodies under half their limit",
+            held_bytes=self.held.held,
+            limit_bytes=self.held.limit_bytes,
+        )
+        for consumer in self._consumers.values():
+            if consumer.task_queue:
+                self._apply_soon(consumer)
+
+    def _apply_soon(self, consumer: _Consumer) -> None:
+        task = asyncio.create_task(self._apply(consumer))
+        self._applying.add(task)
+        task.add_done_callback(self._applying.discard)
+        self._in_flight.add(task)  # drained at stop like the deliveries
+        task.add_done_callback(self._in_flight.discard)
+
+    async def consumers_settled(self) -> None:
+        """Wait until every pause and resume asked for so far has been applied."""
+        while self._applying:
+            await asyncio.wait(set(self._applying))
+
+    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._in_flight.add(task)  # drained at stop like the deliveries
+        task.add_done_callback(self._in_flight.discard)
 
     async def _open_session(self) -> None:
+        """Open a session, replay the outcome store on it, consume; a session that fails on
+        the way is closed (with the store's stream consumer on it), never left behind."""
         session = await AmqpSession.open(self._url, self._prefetch)
-        await self._store.attach(session.connection, session.publish_channel)
-        self._session = session
-        self.sessions += 1
-        for consumer in self._consumers.values():
-            consumer.queue = await session.consume_channel.get_queue(
-                consumer.queue_name, ensure=False
+        try:
+            await self._store.attach(
+                session.connection, session.publish_channel, on_lost=session.lost.set
             )
-            consumer.tag = None
-            await self._apply(consumer)
+            self._session = session
+            self.sessions += 1
+            for consumer in self._consumers.values():
+                consumer.queue = await session.consume_channel.get_queue(
+                    consumer.queue_name, ensure=False
+                )
+                consumer.tag = None
+                await self._apply(consumer)
+        except BaseException:
+            await self._store.detach()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(session.close(), SESSION_CLOSE_S)
+            raise
         self._ready.set()
 
     async def _supervise(self) -> None:
@@ -147,7 +244,7 @@ class Ingress:
             self._ready.clear()
             log.warning("connection to RabbitMQ lost; reconnecting")
             with contextlib.suppress(Exception):
-                await self._session.close()
+                await asyncio.wait_for(self._session.close(), SESSION_CLOSE_S)
             delay_s = RECONNECT_FIRST_S
             while not self._stopping:
                 try:
@@ -155,7 +252,11 @@ class Ingress:
                     log.info("reconnected to RabbitMQ", sessions=self.sessions)
                     break
                 except Exception as exc:
-                    log.warning("reconnect failed", error=str(exc), retry_in_s=delay_s)
+                    log.warning(
+                        "reconnect failed",
+                        error=f"{type(exc).__name__}: {exc}".rstrip(": "),
+                        retry_in_s=delay_s,
+                    )
                     await asyncio.sleep(delay_s)
                     delay_s = min(RECONNECT_MAX_S, delay_s * 2)
 
@@ -170,20 +271,18 @@ class Ingress:
         consumer = self._consumers.get(queue_name)
         if consumer is None:
             return
-        if not consumer.paused and waiting >= self._max_waiting:
-            consumer.paused = True
-        elif consumer.paused and waiting <= self._max_waiting // 2:
-            consumer.paused = False
+        if not consumer.waiting_paused and waiting >= self._max_waiting:
+            consumer.waiting_paused = True
+        elif consumer.waiting_paused and waiting <= self._max_waiting // 2:
+            consumer.waiting_paused = False
         else:
             return
         log.info(
-            "consumer paused" if consumer.paused else "consumer resumed",
+            "consumer paused" if consumer.waiting_paused else "consumer resumed",
             queue=queue_name,
             waiting=waiting,
         )
-        task = asyncio.create_task(self._apply(consumer))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        self._apply_soon(consumer)
 
     def is_paused(self, queue_name: str) -> bool:
         return self._consumers[queue_name].tag is None
@@ -193,7 +292,8 @@ class Ingress:
         async with consumer.lock:
             if consumer.queue is None:
                 return
-            want_consuming = not consumer.paused and not self._stopping
+            held_paused = consumer.task_queue and self.held.over
+            want_consuming = not consumer.waiting_paused and not held_paused and not self._stopping
             if want_consuming and consumer.tag is None:
                 consumer.tag = await consumer.queue.consume(consumer.callback)
             elif not want_consuming and consumer.tag is not None:
@@ -204,6 +304,8 @@ class Ingress:
                     log.warning(
                         "could not cancel a consumer", queue=consumer.queue_name, error=str(exc)
                     )
+        async with self.consumers_changed:
+            self.consumers_changed.notify_all()
 
     async def _handle(self, delivery: Delivery, process: Processor) -> None:
         assert delivery.settle_token is not None
@@ -239,22 +341,10 @@ class Ingress:
         await settlement.ack()
 
     async def _publish(self, delivery: Delivery, outcome: Outcome, record: bytes | None) -> None:
-        """Publish on the current session; if the connection drops under it, wait for the
-        next session and publish there (a reply may then arrive twice, with the same body)."""
-        while True:
-            await self._ready.wait()
-            session = self._session
-            assert session is not None
-            try:
-                await session.publisher.publish_outcome(delivery, outcome, record)
-                return
-            except CONNECTION_ERRORS as exc:
-                if not session.lost.is_set():
-                    raise
-                log.info(
-                    "publish interrupted by a lost connection; will publish again", error=str(exc)
-                )
-                await asyncio.sleep(0)
+        """Publish on the current session, and on the next ones if connections drop under
+        it, within the limits and order of broker/outcome_publishing.py (a reply may then
+        arrive twice, with the same body). Raises PublishAbandoned past those limits."""
+        await self._outcomes_out.publish(delivery, outcome, record)
 
     def publish_progress(self, delivery: Delivery, body: bytes) -> None:
         """Send a progress message in the background; one lost with a connection is not
@@ -280,19 +370,15 @@ class Ingress:
         await self._session.publisher.republish(delivery, lease)
 
     async def queue_depths(self) -> dict[str, int]:
+        """Messages ready per consumed queue and in the dead-letter queue. Concurrent callers
+        (status requests, the metrics refresh) share one read, on one channel per session."""
+        return dict(await self._shared_depths())  # a copy: the read is shared
+
+    async def _read_depths(self) -> dict[str, int]:
         await self._ready.wait()
         assert self._session is not None
-        channel = await self._session.connection.channel()
-        try:
-            depths = {}
-            for name in [*self._consumers, DEAD_QUEUE]:
-                declared = await channel.declare_queue(name, passive=True)
-                depths[name] = int(declared.declaration_result.message_count or 0)
-            return depths
-        finally:
-            # Bounded: closing a channel whose last call was cancelled can wait forever.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(channel.close(), CHANNEL_CLOSE_S)
+        names = [*self._consumers, DEAD_QUEUE]
+        return await self.depth_reader.read(self._session.connection, names)
 
     async def stop_consuming(self) -> None:
         """Stop taking new deliveries; those in flight go on."""

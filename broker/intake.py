@@ -1,6 +1,7 @@
 """Intake: from raw delivery to a validated task, or a rejection with its wire error code.
 
-Order matters and follows the contract: size before any decoding, content type, msgpack, the
+Order matters and follows the contract: properties that could not be decoded first (the
+message is malformed whatever its body), size before any decoding, content type, msgpack, the
 schema, then the checks that need the daemon's state (queue, handlers). The task id is read as
 early as possible so that even a rejected task is answered under its own id.
 """
@@ -21,6 +22,12 @@ from workers.registry import HandlerRegistry
 def admit(
     delivery: Delivery, limits: CodecLimits, registry: HandlerRegistry
 ) -> TaskMessage | Rejection:
+    if delivery.properties_error is not None:
+        return Rejection(
+            "malformed",
+            f"AMQP properties could not be decoded: {delivery.properties_error}",
+            id_despite_properties(delivery, limits),
+        )
     if len(delivery.body) > limits.max_body_bytes:
         return Rejection("too_large", str(TooLarge(len(delivery.body), limits.max_body_bytes)))
     if delivery.content_type != CONTENT_TYPE:
@@ -59,6 +66,20 @@ def readable_id(payload: dict[Any, Any], delivery: Delivery) -> str | None:
     body_id = payload.get("id")
     if isinstance(body_id, str) and 0 < len(body_id) <= 128:
         return body_id
+    return delivery.message_id
+
+
+def id_despite_properties(delivery: Delivery, limits: CodecLimits) -> str | None:
+    """The id to answer a message whose properties could not be decoded: the body's `id` when
+    the body is a readable map within the limits (the content type is not asked: it may be
+    what could not be decoded), else the message_id if that was readable."""
+    if len(delivery.body) <= limits.max_body_bytes:
+        try:
+            payload = decode(delivery.body, limits)
+        except DecodeError:  # TooLarge included
+            payload = None
+        if isinstance(payload, dict):
+            return readable_id(payload, delivery)
     return delivery.message_id
 
 

@@ -44,7 +44,9 @@ class LeaseSeal:
         if not isinstance(value, str):
             return 0
         number, _, mac = value.partition(".")
-        if not number.isdigit() or len(number) > 9:
+        # ASCII only: str.isdigit() accepts "²", which int() refuses, and compare_digest
+        # refuses non-ASCII text. A header a producer wrote must never raise here.
+        if not (number.isascii() and number.isdigit() and len(number) <= 9 and mac.isascii()):
             return 0
         lease = int(number)
         if lease < 1 or not hmac.compare_digest(mac, self._mac(delivery, lease)):

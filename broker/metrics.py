@@ -20,6 +20,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
+from broker.held import HeldBytes
 from broker.outcome import Outcome
 from schemas.topology import TASK_TYPES
 
@@ -107,8 +108,28 @@ class DaemonMetrics:
         self.queue_depth = Gauge(
             "swarm_queue_depth", "Messages ready in a queue", ["queue"], registry=r
         )
+        self.held_bytes = Gauge(
+            "swarm_held_bytes", "Body bytes of deliveries held unsettled", registry=r
+        )
+        self.held_bytes_peak = Gauge(
+            "swarm_held_bytes_peak",
+            "Most body bytes held unsettled at once since start",
+            registry=r,
+        )
+        self.held_bytes_limit = Gauge(
+            "swarm_held_bytes_limit",
+            "Held body bytes at which the task consumers pause (SWARM_MAX_HELD_MB)",
+            registry=r,
+        )
         self.ready = False
         self.loop_tick_s = time.monotonic()
+
+    def watch_held(self, held: HeldBytes) -> None:
+        """Read at scrape time: two integer attributes, safe to read from the HTTP thread and
+        exact at any instant, where a refreshed copy would miss a short peak."""
+        self.held_bytes.set_function(lambda: held.held)
+        self.held_bytes_peak.set_function(lambda: held.peak)
+        self.held_bytes_limit.set(held.limit_bytes)
 
     # -- per task, on the event loop ---------------------------------------------------------
     def task_received(self, task_type: str | None) -> None:

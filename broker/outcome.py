@@ -1,5 +1,6 @@
 """A task's outcome, ready for the transport to publish, record and settle; and its builders."""
 
+import dataclasses
 from dataclasses import dataclass
 
 from broker.errors import Rejection
@@ -13,9 +14,10 @@ class Outcome:
 
     `reply_body` is already encoded. `reply` false means acknowledge without a reply (a
     redelivery of a task whose outcome is stored). `record` means append to the outcome store
-    (every final outcome of a task whose id could be read, once). Every task whose status is
-    `error` is dead-lettered, so that "rejected on arrival" and "failed for good" both reach
-    `swarm.dead`; duplicates and control answers never are (`dead_letter_errors=False`).
+    (every final outcome of an accepted task, once; never a body refused at intake, see
+    `refused`). Every task whose status is `error` is dead-lettered, so that "rejected on
+    arrival" and "failed for good" both reach `swarm.dead`; duplicates and control answers
+    never are (`dead_letter_errors=False`).
     """
 
     task_id: str | None
@@ -82,6 +84,15 @@ def rejected(
         queued_ms=max(0.0, queued_ms),
         run_ms=run_ms,
     )
+
+
+def refused(rejection: Rejection, routing_type: str) -> Outcome:
+    """A body refused at intake (malformed, too_large, invalid, type_mismatch,
+    unknown_handler): answered under the id it carries (else its message_id) and dead-lettered,
+    but never recorded. It was never accepted as that task, so it is not the id's final
+    outcome: the same id sent again with a body that passes runs, and an id already finished
+    keeps its stored outcome."""
+    return dataclasses.replace(rejected(rejection, routing_type), record=False)
 
 
 def succeeded(

@@ -3,33 +3,47 @@
 Backed by a RabbitMQ stream, `swarm.outcomes`: every final reply (and every cancel of a task
 not seen yet) is appended there, confirmed before the task is acknowledged. A daemon starting,
 or a standby taking over, replays the stream into an in-memory index and then tails it, so
-every daemon answers a duplicate from the same history.
+every daemon answers a duplicate from the same history (broker/outcome_replay.py reads it).
 
 Why a stream rather than Ray's key-value store or a detached actor: the store must outlive the
 daemon *and* the Ray cluster (an embedded Ray dies with its daemon), be shared with a standby
 daemon without a second system to run, and expire by age. A stream does all three; RabbitMQ
 replicates it like the task queues; `x-max-age` trims it, and the index checks the exact
 window itself (streams trim by whole segments).
+
+Sizes: a reply of at most `max_reply_bytes` is recorded (and so answers its duplicates); a
+larger one is answered but not remembered, and a duplicate of its id runs again. Records are
+read back whatever their size up to RabbitMQ's own ceiling on a message, so that no record the
+stream accepted is ever skipped for its size.
 """
 
-import asyncio
+import math
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from schemas.codec import decode, encode
+from broker.outcome_replay import OUTCOMES_QUEUE, REPLAY_STALL_S, StreamReader
+from schemas.codec import CodecLimits, decode, encode
+
+__all__ = ["OUTCOMES_QUEUE", "OutcomeStore", "StoredOutcome", "stream_arguments"]
 
 log = structlog.get_logger("swarm.outcomes")
 
-OUTCOMES_QUEUE = "swarm.outcomes"
+MIB = 1024 * 1024
 # Small segments so that age-based trimming follows the retention window closely.
-SEGMENT_BYTES = 8 * 1024 * 1024
+SEGMENT_BYTES = 8 * MIB
+# Largest reply recorded unless told otherwise (SWARM_OUTCOME_MAX_REPLY_MB).
+DEFAULT_MAX_REPLY_BYTES = 32 * MIB
+# Reading records back: up to 512 MiB, the most RabbitMQ's `max_message_size` can be set to,
+# so whatever RabbitMQ took into the stream (one record, or a batch of them) is read back. Not
+# the task-body limit: a reply may be larger than any task. A record is a map of scalars, a
+# batch a map holding a list of records as bytes: a handful of containers, never deeper.
+RECORD_LIMITS = CodecLimits(max_body_bytes=512 * MIB, max_depth=4, max_containers=64)
 
 
 def stream_arguments(retention_s: float) -> dict[str, Any]:
@@ -50,16 +64,26 @@ class StoredOutcome:
 class OutcomeStore:
     """The index of final outcomes and remembered cancels, fed by the stream."""
 
-    def __init__(self, retention_s: float, max_bytes: int = 256 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        retention_s: float,
+        max_bytes: int = 256 * MIB,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+        replay_stall_s: float = REPLAY_STALL_S,
+    ) -> None:
         self.retention_s = retention_s
         self.max_bytes = max_bytes
+        # A reply larger than the index holds would only push every other outcome out.
+        self.max_reply_bytes = min(max_reply_bytes, max_bytes)
         self._bytes = 0
         self.evicted = 0
+        # Final outcomes answered but not recorded, their reply over `max_reply_bytes`.
+        self.unrecorded = 0
         # Insertion order is recording order: the oldest outcome is always first.
         self._outcomes: dict[str, StoredOutcome] = {}
         self._cancels: dict[str, float] = {}
         self._append: Callable[[bytes], Awaitable[None]] | None = None
-        self._consumer: tuple[AbstractChannel, str] | None = None
+        self._reader = StreamReader(self.apply, replay_stall_s)
 
     # -- lookups -----------------------------------------------------------------------------
     def get(self, task_id: str) -> StoredOutcome | None:
@@ -93,6 +117,9 @@ class OutcomeStore:
         """Index an outcome; past `max_bytes` of reply bodies the oldest are forgotten first,
         so memory stays bounded whatever the replies weigh (a duplicate of a forgotten
         outcome runs again, as one older than the retention window would)."""
+        if len(stored.reply_body) > self.max_bytes:
+            # Only from a daemon with a larger limit: kept, it would push out everything else.
+            return
         self._outcomes[task_id] = stored
         self._bytes += len(stored.reply_body)
         while self._bytes > self.max_bytes and self._outcomes:
@@ -108,14 +135,31 @@ class OutcomeStore:
     def memory_bytes(self) -> int:
         return self._bytes
 
+    @property
+    def replay(self) -> StreamReader:
+        """The stream reader: its `stats`, `next_offset` and `wait_until`."""
+        return self._reader
+
     # -- writes ------------------------------------------------------------------------------
     @staticmethod
     def batch_record(records: list[bytes]) -> bytes:
         """Several records as one stream message (see publisher.RecordBatcher)."""
         return encode({"k": "batch", "items": records})
 
-    def outcome_record(self, task_id: str, status: str, reply_body: bytes) -> bytes:
-        """The stream record of a final outcome; `apply` it once RabbitMQ confirmed it."""
+    def outcome_record(self, task_id: str, status: str, reply_body: bytes) -> bytes | None:
+        """The stream record of a final outcome; `apply` it once RabbitMQ confirmed it.
+
+        None when the reply is larger than `max_reply_bytes`: that outcome is answered but
+        not remembered, so a duplicate of the id runs again (as after the retention window)."""
+        if len(reply_body) > self.max_reply_bytes:
+            self.unrecorded += 1
+            log.warning(
+                "reply too large to remember; a duplicate of this id will run again",
+                task_id=task_id,
+                reply_bytes=len(reply_body),
+                max_reply_bytes=self.max_reply_bytes,
+            )
+            return None
         return encode(
             {"k": "outcome", "id": task_id, "s": status, "r": reply_body, "t": time.time()}
         )
@@ -133,29 +177,48 @@ class OutcomeStore:
     def apply(self, record: bytes) -> None:
         """Fold one stream record into the index (idempotent: replays and tails repeat)."""
         try:
-            entry = decode(record)
+            entry = decode(record, RECORD_LIMITS)
             if entry["k"] == "batch":
                 for item in entry["items"]:
                     self.apply(item)
                 return
-            kind, task_id, at = entry["k"], str(entry["id"]), float(entry["t"])
-        except Exception:
-            log.warning("unreadable record in the outcome stream; skipped")
+            kind, task_id, at = entry["k"], entry["id"], entry["t"]
+            # Anyone who may publish to the stream can write a record: take none on trust.
+            if not (isinstance(task_id, str) and isinstance(at, int | float)):
+                raise ValueError("a record needs a str id and a number t")
+            at = float(at)
+            if not math.isfinite(at):
+                raise ValueError(f"t is {at}")
+            if kind == "outcome" and not (
+                isinstance(entry["s"], str) and isinstance(entry["r"], bytes)
+            ):
+                raise ValueError("an outcome record needs a str s and bytes r")
+        except Exception as exc:
+            log.warning(
+                "unreadable record in the outcome stream; skipped",
+                record_bytes=len(record),
+                error=f"{type(exc).__name__}: {exc}",
+            )
             return
         if self._expired(at):
             return
         if kind == "outcome":
             if task_id not in self._outcomes:
-                self._remember(task_id, StoredOutcome(str(entry["s"]), entry["r"], at))
+                self._remember(task_id, StoredOutcome(entry["s"], entry["r"], at))
             self._cancels.pop(task_id, None)
         elif kind == "cancel" and task_id not in self._outcomes:
             self._cancels[task_id] = at
 
     # -- the stream --------------------------------------------------------------------------
     async def attach(
-        self, connection: AbstractConnection, publish_channel: AbstractChannel
+        self,
+        connection: AbstractConnection,
+        publish_channel: AbstractChannel,
+        on_lost: Callable[[], None] = lambda: None,
     ) -> None:
-        """Declare the stream, replay it up to now, then keep tailing it."""
+        """Declare the stream, replay it up to now (from where the last replay or tail of this
+        process stopped), then keep tailing it; `on_lost` is called if the tail's channel
+        closes. Raises OutcomeReplayError, at once when the connection drops meanwhile."""
         await publish_channel.declare_queue(
             OUTCOMES_QUEUE, durable=True, arguments=stream_arguments(self.retention_s)
         )
@@ -167,37 +230,19 @@ class OutcomeStore:
             )
 
         self._append = append
-        # Replay: append a marker, then read from the first record until the marker shows up.
-        marker = f"replay-{uuid.uuid4().hex}"
-        caught_up = asyncio.Event()
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=1000)
-        queue = await channel.get_queue(OUTCOMES_QUEUE, ensure=False)
-
-        async def on_record(message: AbstractIncomingMessage) -> None:
-            if message.body.startswith(b"marker:"):
-                if message.body == f"marker:{marker}".encode():
-                    caught_up.set()
-            else:
-                self.apply(message.body)
-            await message.ack()
-
-        tag = await queue.consume(on_record, arguments={"x-stream-offset": "first"})
-        self._consumer = (channel, tag)
-        await publish_channel.default_exchange.publish(
-            aio_pika.Message(f"marker:{marker}".encode()), OUTCOMES_QUEUE
-        )
-        await asyncio.wait_for(caught_up.wait(), 120)
+        started = time.monotonic()
+        await self._reader.follow(connection, publish_channel, on_lost)
+        stats = self._reader.stats
         log.info(
             "outcome store replayed",
             outcomes=len(self._outcomes),
             cancels=len(self._cancels),
+            records_applied=stats.applied,
+            from_offset=stats.from_offset,
+            seconds=round(time.monotonic() - started, 3),
             retention_s=self.retention_s,
         )
 
     async def detach(self) -> None:
-        if self._consumer is not None:
-            channel, _ = self._consumer
-            self._consumer = None
-            await channel.close()
+        await self._reader.stop()
         self._append = None

@@ -19,7 +19,7 @@ from broker.delivery import LEASE_HEADER, Delivery, Settlement
 from broker.errors import Rejection
 from broker.intake import admit, is_expired
 from broker.leases import LeaseSeal
-from broker.outcome import Outcome, duplicate, rejected, succeeded
+from broker.outcome import Outcome, duplicate, refused, rejected, succeeded
 from broker.outcomes import OutcomeStore
 from broker.placement import PlacementRules
 from broker.pools import PoolSet
@@ -84,12 +84,10 @@ class TaskProcessor:
     async def _process(self, delivery: Delivery) -> Outcome:
         routing_type = delivery.task_type or "unknown"
         admitted = admit(delivery, self._limits, self._registry)
-        task_id = admitted.id if isinstance(admitted, TaskMessage) else admitted.task_id
-        if task_id is not None:
-            earlier = await self._earlier_outcome(task_id, routing_type, delivery)
-            if earlier is not None:
-                return earlier
         if isinstance(admitted, Rejection):
+            # Refused before it was accepted as a task: the id it carries (or its message_id)
+            # neither reads nor writes the outcome store, so a stored outcome never answers a
+            # body that is not that task, and a corrected body of the same id still runs.
             log.info(
                 "task rejected",
                 code=admitted.code,
@@ -97,8 +95,11 @@ class TaskProcessor:
                 task_id=admitted.task_id,
                 queue=delivery.queue,
             )
-            return rejected(admitted, routing_type)
+            return refused(admitted, routing_type)
         task = admitted
+        earlier = await self._earlier_outcome(task.id, routing_type, delivery)
+        if earlier is not None:
+            return earlier
         if self._store.cancel_pending(task.id):
             return rejected(
                 Rejection("cancelled", "cancelled before it arrived", task.id),
@@ -200,7 +201,15 @@ class TaskProcessor:
         lease = delivery.lease
         while True:
             lease += 1
-            await self.renew(delivery, self.leases.header_value(delivery, lease))
+            try:
+                await self.renew(delivery, self.leases.header_value(delivery, lease))
+            except Exception as exc:
+                # Nothing is acked without its copy queued: the deliveries stay held (and go
+                # back to the queue if RabbitMQ's consumer_timeout closes the channel first).
+                log.error("lease not renewed; trying again later", lease=lease, error=str(exc))
+                lease -= 1
+                await asyncio.sleep(self._settings.lease_renew_s)
+                continue
             for settlement in held:
                 await settlement.ack()
             held, active.copies = active.copies, []

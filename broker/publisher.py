@@ -1,6 +1,7 @@
 """Publishing outcomes with publisher confirms: the reply, its copy, and the dead letter."""
 
 import asyncio
+import contextlib
 from typing import Any
 
 import aio_pika
@@ -8,39 +9,46 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, DeliveryMode
 from aiormq.abc import DeliveredMessage
 
+from broker.dead_letter import build_dead_letter, kept_properties, original_entries
 from broker.delivery import LEASE_HEADER, Delivery
+from broker.field_table import encode_entry, table_bytes
+from broker.frame_fit import (
+    EncodedHeadersProperties,
+    fit_shortstr,
+    properties_budget,
+    properties_size,
+    reply_headers,
+    reply_properties_for,
+)
 from broker.outcome import Outcome
 from broker.outcomes import OUTCOMES_QUEUE, OutcomeStore
+from broker.publish_results import (
+    REFUSED,
+    RETURNED,
+    DeadLetterReason,
+    DeadLetterRefused,
+    ReplyResult,
+    is_nack,
+)
+from broker.renewable_channel import RenewableChannel
 from schemas.progress import PROGRESS_STATUS
 from schemas.topology import (
     ATTEMPTS_HEADER,
     CONTENT_TYPE,
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
-    ORIGINAL_USER_HEADER,
-    REPLY_UNDELIVERABLE,
     SOURCE_QUEUE_HEADER,
     STATUS_HEADER,
-    UNDELIVERED_REPLY_HEADER,
+    TRUNCATED_HEADER,
 )
 
 # RabbitMQ's direct reply-to pseudo queue. RabbitMQ 3.10 answers a mandatory publish to it
 # with a basic.return even when it delivered the reply, so those replies go non-mandatory.
 DIRECT_REPLY_PREFIX = "amq.rabbitmq.reply-to"
-PERSISTENT = int(DeliveryMode.PERSISTENT)
-# Dead-letter codes of Swarm's own, beyond the reply error codes: the reply never arrived.
-_PROPERTY_NAMES = (
-    "content_type",
-    "content_encoding",
-    "delivery_mode",
-    "priority",
-    "correlation_id",
-    "reply_to",
-    "message_id",
-    "timestamp",
-    "type",
-    "app_id",
-)
+
+
+class LeaseCopyTooLarge(ValueError):
+    """The task's message cannot be copied unchanged with a lease header."""
 
 
 class Publisher:
@@ -52,32 +60,41 @@ class Publisher:
         self._results = results
         self._dead = dead
         self._records = RecordBatcher(self._default)
+        self._dead_channel = RenewableChannel(self._open_dead_channel)
 
-    async def publish_outcome(
-        self, delivery: Delivery, outcome: Outcome, record: bytes | None = None
-    ) -> None:
-        """Publish the reply (to `reply_to` and `swarm.results`), the outcome `record` (to the
-        outcome stream) and, for errors, the dead letter; return once RabbitMQ confirmed them
-        all. Raises on a nack or a lost channel."""
+    async def publish_reply(
+        self,
+        delivery: Delivery,
+        outcome: Outcome,
+        record: bytes | None = None,
+        *,
+        stripped: bool = False,
+    ) -> ReplyResult:
+        """Publish the reply to `reply_to` and its copy to `swarm.results` (and `record` to
+        the outcome stream, when given) in parallel; return once RabbitMQ confirmed them all.
+        A reply `reply_to` returned or refused, and a copy a queue bound to swarm.results
+        refused, are reported, not raised: the caller dead-letters the reply and counts the
+        copy. Raises on a lost channel, or when the record is nacked.
+        `stripped` leaves the trace headers out (the last line of defence)."""
         # Straight to aiormq on this hot path: aio-pika's Message objects cost the daemon
-        # more CPU than the frames themselves (one properties object per publish, since
-        # aiormq fills in a missing message_id on the one it is given).
+        # more CPU than the frames themselves.
         channel = await self._channel.get_underlay_channel()
-        correlation_id = delivery.correlation_id or outcome.task_id
-        body = outcome.reply_body
-
+        wanted_id = delivery.correlation_id or outcome.task_id
+        correlation_id = fit_shortstr(wanted_id)
         headers: dict[str, Any] = {STATUS_HEADER: outcome.status}
-        if outcome.trace_headers:
+        if outcome.trace_headers and not stripped:
             headers.update(outcome.trace_headers)
+        budget = properties_budget(channel.connection.connection_tune.frame_max)
+        headers, dropped = reply_headers(correlation_id, headers, budget)
+        if correlation_id != wanted_id:
+            dropped = ["correlation_id", *dropped]
+            headers = {**headers, TRUNCATED_HEADER: ",".join(dropped)}
 
         def properties() -> aiormq.spec.Basic.Properties:
-            return aiormq.spec.Basic.Properties(
-                content_type=CONTENT_TYPE,
-                correlation_id=correlation_id,
-                headers=headers,
-                delivery_mode=PERSISTENT,
-            )
+            # One each: aiormq writes the message_id it fills in onto the object it is given.
+            return reply_properties_for(correlation_id, headers)
 
+        body = outcome.reply_body
         sends: list[Any] = [
             channel.basic_publish(
                 body,
@@ -101,17 +118,30 @@ class Publisher:
             )
         if record is not None:
             sends.append(self._records.append(record))
-        confirmed = await asyncio.gather(*sends)
-        returned = reply_to is not None and isinstance(confirmed[1], DeliveredMessage)
-        if not (outcome.dead_letter or returned):
-            return
-        code = outcome.error_code if outcome.dead_letter else REPLY_UNDELIVERABLE
-        message = outcome.error_message or ""
-        extra: dict[str, Any] = {}
-        if returned:
-            extra[UNDELIVERED_REPLY_HEADER] = reply_to
-            message = message or f"reply to {reply_to!r} was returned: no such queue"
-        await self._publish_dead(delivery, outcome, code, message, extra)
+        confirmed = await asyncio.gather(*sends, return_exceptions=True)
+        copy = confirmed[0]
+        reply = confirmed[1] if reply_to is not None else None
+        # Nacks of the reply and of its copy are outcomes, not failures: publishing them
+        # again would duplicate them in every queue that took them.
+        refused = [
+            result
+            for result in (copy, reply)
+            if isinstance(result, aiormq.exceptions.DeliveryError) and is_nack(result)
+        ]
+        for result in confirmed:
+            if isinstance(result, BaseException) and not any(result is r for r in refused):
+                raise result
+        undelivered = None
+        if isinstance(reply, DeliveredMessage):
+            undelivered = RETURNED
+        elif reply is not None and any(reply is r for r in refused):
+            undelivered = REFUSED
+        copy_refused = any(copy is r for r in refused)
+        return ReplyResult(undelivered, tuple(dropped), copy_refused=copy_refused)
+
+    async def append_record(self, record: bytes) -> None:
+        """The outcome record alone (confirmed): after a dead letter, see the ingress."""
+        await self._records.append(record)
 
     async def publish_progress(self, delivery: Delivery, body: bytes) -> None:
         """A progress message to `reply_to`: transient and not mandatory (best effort)."""
@@ -131,46 +161,93 @@ class Publisher:
         )
 
     async def republish(self, delivery: Delivery, lease: str) -> None:
-        """A copy of the task message, unchanged but for the lease header, on its own queue."""
-        properties = {
-            name: delivery.properties[name]
-            for name in _PROPERTY_NAMES
-            if delivery.properties.get(name) is not None
-        }
-        headers = dict(delivery.properties.get("headers") or {})
-        headers[LEASE_HEADER] = lease
-        copy = aio_pika.Message(delivery.body, headers=headers, **properties)
-        await self._default.publish(copy, delivery.queue, mandatory=False)
-
-    async def _publish_dead(
-        self,
-        delivery: Delivery,
-        outcome: Outcome,
-        code: str | None,
-        message: str,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        properties = {
-            name: delivery.properties[name]
-            for name in _PROPERTY_NAMES
-            if delivery.properties.get(name) is not None
-        }
-        if "message_id" not in properties and outcome.task_id is not None:
-            properties["message_id"] = outcome.task_id
-        headers = dict(delivery.properties.get("headers") or {})
-        headers.update(
-            {
-                ERROR_CODE_HEADER: code or "",
-                ERROR_MESSAGE_HEADER: message[:4096],
-                SOURCE_QUEUE_HEADER: delivery.queue,
-                ATTEMPTS_HEADER: outcome.attempts,
-            }
+        """A copy of the task message, unchanged but for the lease header, on its own queue
+        (confirmed). Its header entries are copied byte for byte, as a dead letter's are:
+        a decoded table cannot always be encoded again. Raises LeaseCopyTooLarge when the
+        copy would not fit one content-header frame (the task is then held, not renewed)."""
+        channel = await self._channel.get_underlay_channel()
+        dropped: list[str] = []
+        properties = kept_properties(delivery, None, False, dropped)
+        lease_key = LEASE_HEADER.encode()
+        entries = [e for e in original_entries(delivery, dropped) if e[0] != lease_key]
+        entries.append(encode_entry(LEASE_HEADER, lease))
+        copy = EncodedHeadersProperties(table_bytes(entries), **properties)
+        budget = properties_budget(channel.connection.connection_tune.frame_max)
+        if dropped or properties_size(copy) > budget:
+            raise LeaseCopyTooLarge(
+                "a renewal copy cannot carry the task unchanged"
+                + (f" (cannot copy {', '.join(dropped)})" if dropped else " (over frame_max)")
+            )
+        # A nack raises aiormq's DeliveryError: the lease is then not renewed this time.
+        await channel.basic_publish(
+            delivery.body, exchange="", routing_key=delivery.queue, properties=copy
         )
-        if delivery.properties.get("user_id"):
-            headers[ORIGINAL_USER_HEADER] = delivery.properties["user_id"]
-        headers.update(extra or {})
-        letter = aio_pika.Message(delivery.body, headers=headers, **properties)
-        await self._dead.publish(letter, "", mandatory=False)
+
+    async def publish_dead_letter(
+        self, delivery: Delivery, outcome: Outcome, reason: DeadLetterReason, *, stripped: bool
+    ) -> tuple[str, ...]:
+        """The task's dead letter to `swarm.dead` (confirmed), made to fit the frame size
+        (broker/dead_letter.py); returns what was cut. Raises DeadLetterRefused on a nack.
+        Sent on a channel of its own (broker/renewable_channel.py says why)."""
+        swarm_headers: dict[str, Any] = {
+            ERROR_CODE_HEADER: reason.code,
+            ERROR_MESSAGE_HEADER: reason.message,
+            SOURCE_QUEUE_HEADER: delivery.queue,
+            ATTEMPTS_HEADER: outcome.attempts,
+            **reason.extra,
+        }
+        async with self._dead_channel.use() as channel:
+            budget = properties_budget(channel.connection.connection_tune.frame_max)
+            letter = build_dead_letter(
+                delivery, outcome.task_id, swarm_headers, budget, stripped=stripped
+            )
+            try:
+                await channel.basic_publish(
+                    letter.body,
+                    exchange=self._dead.name,
+                    routing_key="",
+                    properties=letter.properties,
+                    mandatory=False,
+                )
+            except aiormq.exceptions.DeliveryError as exc:
+                if not is_nack(exc):
+                    raise
+                self._dead_channel.renew(channel)
+                raise DeadLetterRefused(f"{self._dead.name} refused the dead letter") from exc
+            except aiormq.exceptions.AMQPChannelError:
+                # RabbitMQ closed the channel (swarm.dead deleted, a permission): closing the
+                # main channel too rebuilds the session, which declares the topology again,
+                # as when this happened on the main channel itself.
+                with contextlib.suppress(Exception):
+                    await self._channel.close()
+                raise
+        return letter.truncated
+
+    async def _open_dead_channel(self) -> aiormq.abc.AbstractChannel:
+        underlay = await self._channel.get_underlay_channel()
+        return await underlay.connection.channel(publisher_confirms=True)
+
+
+# A batch of records is one stream message, and RabbitMQ closes the channel on a message over
+# its max_message_size (128 MiB by default): batches stop at this many bytes, and a record
+# that large goes alone (one record is at most SWARM_OUTCOME_MAX_REPLY_MB, 120 at most).
+BATCH_MAX_BYTES = 64 * 1024 * 1024
+
+Pending = tuple[bytes, "asyncio.Future[None]"]
+
+
+def split_batches(pending: list[Pending], max_bytes: int) -> list[list[Pending]]:
+    """Consecutive records grouped into batches of at most `max_bytes` (a larger record is a
+    batch of its own), in order."""
+    batches: list[list[Pending]] = []
+    size = 0
+    for item in pending:
+        if not batches or size + len(item[0]) > max_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += len(item[0])
+    return batches
 
 
 class RecordBatcher:
@@ -192,8 +269,8 @@ class RecordBatcher:
         await future
 
     def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if batch:
+        pending, self._pending = self._pending, []
+        for batch in split_batches(pending, BATCH_MAX_BYTES):
             task = asyncio.ensure_future(self._send(batch))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)

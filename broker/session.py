@@ -7,6 +7,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from broker.connection import connect
+from broker.frames import tolerant_frames
 from broker.publisher import Publisher
 from broker.topology import Topology, declare
 
@@ -34,7 +35,10 @@ class AmqpSession:
     async def open(cls, url: str, prefetch: int) -> "AmqpSession":
         """Connect, declare the topology, open a confirm channel for publishing and a channel
         with the prefetch window for consuming. Raises AmqpUnavailable."""
-        connection = await connect(url, name="swarm-daemon")
+        # A message whose properties cannot be decoded must not kill the connection that
+        # carries every queue: this connection's content headers are decoded tolerantly.
+        with tolerant_frames():
+            connection = await connect(url, name="swarm-daemon")
         try:
             publish_channel = await connection.channel(publisher_confirms=True)
             topology = await declare(publish_channel)

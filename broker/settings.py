@@ -108,6 +108,16 @@ class Settings(BaseSettings):
         gt=0,
         description="tasks of one queue waiting for room before its consumer pauses",
     )
+    max_held_mb: int = Field(
+        default=256,
+        gt=0,
+        description="body bytes held unsettled (all queues) before the task consumers pause",
+    )
+    return_memory: bool = Field(
+        default=True,
+        description="give memory freed after large tasks back to the OS (glibc: fixed mmap "
+        "threshold, trim when idle)",
+    )
     actor_max_concurrency: int = Field(
         default=64, gt=0, description="tasks one actor runs at once, whatever their size"
     )
@@ -137,6 +147,13 @@ class Settings(BaseSettings):
         default=256,
         gt=0,
         description="reply bytes the outcome index keeps in memory; the oldest go first",
+    )
+    outcome_max_reply_mb: int = Field(
+        default=32,
+        gt=0,
+        le=120,  # one record must fit RabbitMQ's default max_message_size (128 MiB)
+        description="largest reply the outcome store remembers (at most outcome_memory_mb); "
+        "a larger one is answered but not remembered: a duplicate of its id runs again",
     )
     lease_renew_s: float = Field(
         default=600.0,

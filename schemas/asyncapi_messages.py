@@ -21,6 +21,7 @@ from schemas.topology import (
     REPLY_UNDELIVERABLE,
     SOURCE_QUEUE_HEADER,
     STATUS_HEADER,
+    TRUNCATED_HEADER,
     UNDELIVERED_REPLY_HEADER,
     task_queue,
 )
@@ -40,6 +41,13 @@ def message_components(
     control_request: dict[str, str],
 ) -> dict[str, Any]:
     status_header = {"type": "string", "enum": list(get_args(Status))}
+    truncated_header = {
+        "type": "string",
+        "description": "Swarm's addition: what was dropped or shortened so that the message "
+        "fits one content-header frame, comma-separated in the order cut (a reply: "
+        "`tracestate`, `traceparent`, `correlation_id`; a dead letter: the error message, "
+        "then original header keys, largest first). Absent when nothing was cut.",
+    }
     error_codes = ", ".join(f"`{code}`" for code in (*get_args(ErrorCode), REPLY_UNDELIVERABLE))
     correlation = {
         "location": CORRELATION_ID,
@@ -57,10 +65,15 @@ def message_components(
             "title": "Task message",
             "summary": "A task for the daemon to run: msgpack body, `content_type` "
             f"`{CONTENT_TYPE}` (anything else is rejected `malformed`).",
-            "description": "AMQP properties: `message_id` the task id (optional: the body's "
-            "`id` rules); `correlation_id` optional, copied onto the reply, defaults to the task "
+            "description": "AMQP properties: `message_id` names the reply only of a body whose "
+            "`id` cannot be read, and never a stored outcome (the body's `id` rules); "
+            "`correlation_id` optional, copied onto the reply, defaults to the task "
             "id; `reply_to` optional; `expiration` honoured while queued (an expired message is "
-            "dead-lettered by RabbitMQ); `delivery_mode` 2 recommended.",
+            "dead-lettered by RabbitMQ); `delivery_mode` 2 recommended. Properties or headers "
+            "that cannot be decoded are answered `malformed` and dead-lettered unchanged. A "
+            "body rejected on arrival is not the final outcome of its id: a fixed body with the "
+            "same id runs. `x-swarm-*` headers are Swarm's: a producer's `x-swarm-lease` is "
+            "ignored.",
             "correlationId": correlation,
             "headers": _headers(
                 {
@@ -85,7 +98,10 @@ def message_components(
             + ", ".join(f"`{code}`" for code in get_args(ErrorCode))
             + ".",
             "correlationId": correlation,
-            "headers": _headers({STATUS_HEADER: status_header}, required=[STATUS_HEADER]),
+            "headers": _headers(
+                {STATUS_HEADER: status_header, TRUNCATED_HEADER: truncated_header},
+                required=[STATUS_HEADER],
+            ),
             "payload": reply,
             "bindings": amqp,
             "examples": [
@@ -136,8 +152,10 @@ def message_components(
         "DeadLetter": {
             "name": "DeadLetter",
             "title": "Dead letter",
-            "summary": "A task whose outcome is `error`, with its original body bytes and "
-            "properties (but `expiration`; a missing `message_id` may be filled in).",
+            "summary": "A task whose outcome is `error`, with its original body bytes, "
+            "properties (but `expiration`; a missing `message_id` may be filled in) and header "
+            "entries byte for byte, then Swarm's own (which replace an original of the same "
+            "key).",
             "description": "A task that expired while queued is dead-lettered by RabbitMQ "
             "itself: then it has RabbitMQ's `x-death` header instead of Swarm's. `expired` and "
             "`cancelled` outcomes are answered, not dead-lettered.",
@@ -159,9 +177,11 @@ def message_components(
                     UNDELIVERED_REPLY_HEADER: {
                         "type": "string",
                         "description": "Swarm's addition: the `reply_to` queue that the reply "
-                        f"could not reach (the code is then `{REPLY_UNDELIVERABLE}` or the "
-                        "task's own).",
+                        "could not reach, because it does not exist (returned) or refused it "
+                        f"(nack: full with reject-publish); the code is then "
+                        f"`{REPLY_UNDELIVERABLE}` or the task's own.",
                     },
+                    TRUNCATED_HEADER: truncated_header,
                     ORIGINAL_USER_HEADER: {
                         "type": "string",
                         "description": "Swarm's addition: the task's `user_id` property, which "

@@ -20,6 +20,9 @@ SOURCE_QUEUE_HEADER: Final = "x-swarm-source-queue"
 ATTEMPTS_HEADER: Final = "x-swarm-attempts"
 # Swarm's addition to the dead-letter headers: set when the reply could not reach `reply_to`.
 UNDELIVERED_REPLY_HEADER: Final = "x-swarm-reply-undeliverable"
+# On a reply or dead letter: what was dropped or shortened to make it fit one content-header
+# frame (comma-separated names, in the order they were cut).
+TRUNCATED_HEADER: Final = "x-swarm-headers-truncated"
 # On a task message: the producer wants `progress` messages on its reply queue (any of
 # true, 1, "1", "true"). Opt-in, so a producer written from the contract alone, which takes
 # the first message with its correlation_id as the reply, never sees one.

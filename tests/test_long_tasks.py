@@ -1,12 +1,15 @@
 """Tasks longer than RabbitMQ's consumer timeout: the lease is renewed by re-queueing a copy."""
 
+import struct
 from pathlib import Path
 
+import msgpack
 import pytest
 from conftest import DaemonFactory
 from daemon_process import DaemonProcess
 from rabbit import RabbitServer
 from raw import RawProducer, task
+from rawamqp import RawAmqp, longstr, properties, table
 
 DIAGNOSTICS = "workers.diagnostics"
 
@@ -96,3 +99,38 @@ async def test_longer_than_rabbitmq_consumer_timeout(
     # and redelivered it.
     assert daemon.ingress.redelivered == 0
     assert daemon.ingress.received > 1  # the renewal copies came back and were settled
+
+
+async def test_renewal_copies_carry_headers_no_decoder_could_encode_again(
+    start_daemon: DaemonFactory, producer: RawProducer, amqp_url: str
+) -> None:
+    """A long task whose headers hold a non-UTF-8 string, a double of 1e300 and a 200-byte key
+    (pamqp decodes them, then cannot or will not encode them back): its renewal copies carry
+    them byte for byte, so the lease is renewed and the task runs and answers once."""
+    daemon = await start_daemon(handler_modules=[DIAGNOSTICS], lease_renew_s=0.3)
+    assert daemon.ingress is not None
+    odd = [
+        (b"x-bytes", b"S" + longstr(b"\xff\xfe not utf-8")),
+        (b"x-big", b"d" + struct.pack(">d", 1e300)),
+        (b"k" * 200, b"S" + longstr(b"long key")),
+    ]
+    inbox = await producer.inbox()
+    body = msgpack.packb(task("training", "sleep", {"seconds": 1.5}, id="odd-lease"))
+    async with await RawAmqp.connect(amqp_url) as raw:
+        await raw.publish(
+            "swarm.tasks",
+            "training",
+            properties(
+                content_type=b"application/msgpack",
+                headers=table(odd),
+                reply_to=inbox.name.encode(),
+                correlation_id=b"odd",
+            ),
+            body,
+        )
+        reply = await inbox.one()
+    assert reply.payload["status"] == "ok"
+    assert reply.payload["attempts"] == 1
+    assert daemon.ingress.redelivered == 0
+    # Copies were made and came back (a copy that could not be encoded was never made).
+    assert daemon.ingress.received > 1

@@ -34,6 +34,7 @@ from schemas.topology import (
     SOURCE_QUEUE_HEADER,
     STATUS_HEADER,
     TASK_TYPES,
+    TRUNCATED_HEADER,
     UNDELIVERED_REPLY_HEADER,
 )
 
@@ -274,7 +275,7 @@ def test_headers_come_from_the_topology_constants(document: dict[str, Any]) -> N
         return set(messages[message]["headers"]["properties"])
 
     assert header_names("Task") == {PROGRESS_HEADER}
-    assert header_names("Reply") == {STATUS_HEADER}
+    assert header_names("Reply") == {STATUS_HEADER, TRUNCATED_HEADER}
     assert header_names("Progress") == {STATUS_HEADER}
     assert header_names("DeadLetter") == {
         ERROR_CODE_HEADER,
@@ -283,6 +284,7 @@ def test_headers_come_from_the_topology_constants(document: dict[str, Any]) -> N
         ATTEMPTS_HEADER,
         UNDELIVERED_REPLY_HEADER,
         ORIGINAL_USER_HEADER,
+        TRUNCATED_HEADER,
     }
     progress = Draft7Validator(messages["Progress"]["headers"])
     assert progress.is_valid({STATUS_HEADER: "progress"})

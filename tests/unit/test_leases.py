@@ -39,7 +39,10 @@ def test_a_seal_of_another_daemon_verifies_only_with_the_same_secret() -> None:
 
 @pytest.mark.parametrize(
     "forged",
-    [1, "1", b"1", "1.", "1.deadbeef", "0.x", "-1.x", "x.y", True, 1.0, None, "9" * 40 + ".ab"],
+    [
+        *(1, "1", b"1", "1.", "1.deadbeef", "0.x", "-1.x", "x.y", True, 1.0, None),
+        *("9" * 40 + ".ab", "\u00b2.x", "1.\u00e9", b"1.\xff", "\uff11.ab", ""),
+    ],
 )
 def test_a_header_a_producer_wrote_is_not_a_lease(forged: object) -> None:
     assert LeaseSeal(b"k").verified_lease(delivery({LEASE_HEADER: forged})) == 0

@@ -1,0 +1,181 @@
+"""Publishing one task's outcome across sessions: the reply, the dead letter, the record.
+
+Order. An `ok` outcome sends its reply, copy and record in parallel (the hot path: one round
+trip). An outcome that is dead-lettered sends its reply and copy, then the dead letter, and
+only then the record: were the record first, a daemon dying while the dead letter waits
+would leave the next daemon to acknowledge the redelivery from the outcome store, and the
+dead letter would be lost. This way the redelivery runs again (at worst a second reply with
+the same content, as for any daemon death between reply and record).
+
+No publish is retried forever. A step whose connection drops under it is sent again on the
+next session; after `MAX_LOST_SESSIONS` lost connections it is sent *stripped* (a reply
+without trace headers, a dead letter without the task's own headers and with its message
+cut to 256 bytes), and after as many more it is abandoned: `PublishAbandoned`, and the
+ingress hands the task back to RabbitMQ. Each is an error log line and a counter.
+
+A dead letter that swarm.dead refuses (a nack) is not dropped: the task stays
+unacknowledged, its handler is not run again, and the dead letter is sent again (on a new
+channel: see broker/renewable_channel.py) after 1 s, 2 s, 4 s, ... up to 30 s between tries
+until swarm.dead takes it; every refusal is an error log line and counts in
+`swarm_dead_letters_refused`, the tasks held in `swarm_dead_letters_waiting`.
+"""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+
+from broker.delivery import Delivery
+from broker.outcome import Outcome
+from broker.publish_results import (
+    REFUSED,
+    DeadLetterReason,
+    DeadLetterRefused,
+    dead_letter_reason,
+)
+from broker.publish_stats import PublishStats
+from broker.publisher import Publisher
+from broker.session import CONNECTION_ERRORS, AmqpSession
+
+log = structlog.get_logger("swarm.publishing")
+
+MAX_LOST_SESSIONS = 3
+DEAD_LETTER_RETRY_FIRST_S = 1.0
+DEAD_LETTER_RETRY_MAX_S = 30.0
+
+T = TypeVar("T")
+Step = Callable[[Publisher, bool], Awaitable[T]]
+
+
+class PublishAbandoned(Exception):
+    """A publish step lost too many connections, stripped too: the task goes back."""
+
+
+class OutcomePublishing:
+    def __init__(
+        self,
+        ready: asyncio.Event,
+        current: Callable[[], AmqpSession | None],
+        stats: PublishStats,
+    ) -> None:
+        self._ready = ready
+        self._current = current
+        self.stats = stats
+
+    async def publish(self, delivery: Delivery, outcome: Outcome, record: bytes | None) -> None:
+        """Reply, dead letter (when due) and record, confirmed; see the module's rules."""
+        dead_lettered = outcome.dead_letter
+        together = None if dead_lettered else record
+        result = await self._on_sessions(
+            "reply",
+            outcome,
+            lambda publisher, stripped: publisher.publish_reply(
+                delivery, outcome, together, stripped=stripped
+            ),
+        )
+        if result.truncated:
+            self.stats.headers_truncated += 1
+            log.warning(
+                "reply headers dropped to fit the frame size",
+                task_id=outcome.task_id,
+                dropped=list(result.truncated),
+            )
+        if result.undelivered == REFUSED:
+            self.stats.replies_refused += 1
+            log.warning(
+                "reply refused by its queue; dead-lettered",
+                task_id=outcome.task_id,
+                reply_to=delivery.reply_to,
+            )
+        if result.copy_refused:
+            self.stats.results_copies_refused += 1
+            log.warning(
+                "a queue bound to swarm.results refused the reply's copy; not sent again",
+                task_id=outcome.task_id,
+            )
+        reason = dead_letter_reason(delivery, outcome, result.undelivered)
+        if reason is not None:
+            await self._dead_letter(delivery, outcome, reason)
+        if dead_lettered and record is not None:
+            await self._on_sessions(
+                "outcome record", outcome, lambda publisher, _: publisher.append_record(record)
+            )
+
+    async def _dead_letter(
+        self, delivery: Delivery, outcome: Outcome, reason: DeadLetterReason
+    ) -> None:
+        delay_s = DEAD_LETTER_RETRY_FIRST_S
+        waiting = False
+        try:
+            while True:
+                try:
+                    truncated = await self._on_sessions(
+                        "dead letter",
+                        outcome,
+                        lambda publisher, stripped: publisher.publish_dead_letter(
+                            delivery, outcome, reason, stripped=stripped
+                        ),
+                    )
+                    break
+                except DeadLetterRefused:
+                    self.stats.dead_letters_refused += 1
+                    if not waiting:
+                        waiting = True
+                        self.stats.dead_letters_waiting += 1
+                    log.error(
+                        "swarm.dead refused a dead letter; the task is held, not run again, "
+                        "and the dead letter sent again",
+                        task_id=outcome.task_id,
+                        queue=delivery.queue,
+                        retry_in_s=delay_s,
+                    )
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(DEAD_LETTER_RETRY_MAX_S, delay_s * 2)
+        finally:
+            if waiting:
+                self.stats.dead_letters_waiting -= 1
+        if truncated:
+            self.stats.headers_truncated += 1
+            log.warning(
+                "dead letter cut to fit the frame size",
+                task_id=outcome.task_id,
+                truncated=list(truncated)[:20],
+            )
+
+    async def _on_sessions(self, what: str, outcome: Outcome, step: Step[T]) -> T:
+        """`step` on the current session; when the connection drops under it, on the next
+        one: stripped after MAX_LOST_SESSIONS, abandoned after twice that."""
+        lost = 0
+        while True:
+            await self._ready.wait()
+            session = self._current()
+            assert session is not None
+            try:
+                return await step(session.publisher, lost >= MAX_LOST_SESSIONS)
+            except CONNECTION_ERRORS as exc:
+                if not session.lost.is_set():
+                    raise
+                lost += 1
+                if lost == MAX_LOST_SESSIONS:
+                    self.stats.stripped += 1
+                    log.error(
+                        f"{what} cost {lost} connections; sending it stripped",
+                        task_id=outcome.task_id,
+                        error=str(exc),
+                    )
+                elif lost >= 2 * MAX_LOST_SESSIONS:
+                    self.stats.abandoned += 1
+                    log.error(
+                        f"{what} cost {lost} connections, stripped too; abandoned, the task "
+                        "goes back to its queue",
+                        task_id=outcome.task_id,
+                        error=str(exc),
+                    )
+                    raise PublishAbandoned(what) from exc
+                else:
+                    log.info(
+                        "publish interrupted by a lost connection; will publish again",
+                        error=str(exc),
+                    )
+                await asyncio.sleep(0)
