@@ -196,11 +196,18 @@ class Ingress:
                 self._apply_soon(consumer)
 
     def _apply_soon(self, consumer: _Consumer) -> None:
-        task = asyncio.create_task(self._apply(consumer))
+        task = asyncio.create_task(self._apply_in_background(consumer))
         self._applying.add(task)
         task.add_done_callback(self._applying.discard)
         self._in_flight.add(task)  # drained at stop like the deliveries
         task.add_done_callback(self._in_flight.discard)
+
+    async def _apply_in_background(self, consumer: _Consumer) -> None:
+        try:
+            await self._apply(consumer)
+        except Exception as exc:
+            # Its channel went with the connection: the next session applies it again.
+            log.warning("could not change a consumer", queue=consumer.queue_name, error=str(exc))
 
     async def consumers_settled(self) -> None:
         """Wait until every pause and resume asked for so far has been applied."""
