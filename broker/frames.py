@@ -34,13 +34,18 @@ import pamqp.frame
 from pamqp.base import Frame
 from pamqp.header import ContentHeader
 
-from broker.salvage import lenient_method, salvage_content_header
+from broker.salvage import lenient_method, salvage_content_header, values_over
 
 _HEADERS_FLAG = 1 << 13
 _CONTENT_TYPE_FLAG = 1 << 15
 _CONTENT_ENCODING_FLAG = 1 << 14
 _MORE_FLAGS = 1
 _MAX_PROBLEMS = 5
+# A headers table of more values than this is refused undecoded (see `_too_many_values`).
+# Counted only in tables over _LARGE_TABLE_BYTES: a smaller one cannot hold that many (every
+# value takes at least its type tag, every entry a key length too).
+MAX_HEADER_VALUES = 1024
+_LARGE_TABLE_BYTES = 1024
 
 _tolerant = contextvars.ContextVar("swarm_tolerant_frames", default=False)
 _strict_decode: Callable[[bytes], ContentHeader] | None = None
@@ -96,11 +101,15 @@ def _decode_content_header(frame_data: bytes) -> ContentHeader:
     assert _strict_decode is not None
     if not _tolerant.get():
         return _strict_decode(frame_data)
+    raw = _raw_headers(frame_data)
+    if raw is not None and len(raw) > _LARGE_TABLE_BYTES and values_over(raw, MAX_HEADER_VALUES):
+        refused = _too_many_values(frame_data)
+        if refused is not None:
+            return refused
     try:
         header = _strict_decode(frame_data)
     except Exception as exc:  # pamqp's UnmarshalingException, and what it lets through
         return _salvaged(frame_data, exc)
-    raw = _raw_headers(frame_data)
     if raw is not None:
         _attach(header, FrameExtras(raw, None, header.properties.cluster_id))
     return header
@@ -135,6 +144,23 @@ def _salvaged(frame_data: bytes, strict_error: Exception) -> ContentHeader:
     error = "; ".join(problems[:_MAX_PROBLEMS])
     if len(problems) > _MAX_PROBLEMS:
         error += f"; and {len(problems) - _MAX_PROBLEMS} more"
+    header = salvage.header
+    _attach(header, FrameExtras(salvage.raw_headers, error, header.properties.cluster_id))
+    return header
+
+
+def _too_many_values(frame_data: bytes) -> ContentHeader | None:
+    """A headers table of more values than anyone needs is not decoded at all: pamqp's
+    decoder takes time in the square of its size (a 128 KB table of one-byte values held the
+    event loop for a second). The task is answered malformed, the table kept raw."""
+    try:
+        salvage = salvage_content_header(frame_data, decode_headers=False)
+    except (ValueError, struct.error, IndexError):
+        return None  # a broken frame: the strict decoder says so
+    error = (
+        f"headers: more than {MAX_HEADER_VALUES} values (entries, array elements and nested "
+        "entries); not decoded"
+    )
     header = salvage.header
     _attach(header, FrameExtras(salvage.raw_headers, error, header.properties.cluster_id))
     return header

@@ -54,9 +54,10 @@ class Salvage:
     problems: list[str] = field(default_factory=list)
 
 
-def salvage_content_header(frame_data: bytes) -> Salvage:
+def salvage_content_header(frame_data: bytes, *, decode_headers: bool = True) -> Salvage:
     """Decode a content header frame's payload property by property. Raises ValueError (or
-    struct.error) only when even its shape cannot be read: no body size, no property flags."""
+    struct.error) only when even its shape cannot be read: no body size, no property flags.
+    With `decode_headers` false the headers table is kept raw and not decoded at all."""
     class_id, weight, body_size = struct.unpack_from(">HHQ", frame_data)
     consumed, flags = ContentHeader._get_flags(frame_data[12:])
     properties = PROPERTIES()
@@ -75,7 +76,8 @@ def salvage_content_header(frame_data: bytes) -> Salvage:
         value: Any = None
         if amqp_type == "table":
             salvage.raw_headers = frame_data[position + 4 : end]
-            value = _salvage_table(salvage.raw_headers, salvage.problems)
+            if decode_headers:
+                value = _salvage_table(salvage.raw_headers, salvage.problems)
         else:
             try:
                 _, value = decode.by_type(frame_data[position:end], amqp_type)
@@ -144,6 +146,33 @@ def _value_end(table: bytes, position: int) -> int | None:
     else:
         return None
     return end if end <= len(table) else None
+
+
+def values_over(table: bytes, limit: int) -> bool:
+    """True when the table (its bytes without the length prefix) holds more than `limit`
+    values, counting the entries of nested tables and the elements of arrays. One linear
+    walk without decoding (pamqp's decoder copies the rest of a table for every entry, so a
+    table of many tiny values costs the square of its size); unreadable parts end the walk
+    of their container (decoding reports them)."""
+    count = 0
+    stack: list[tuple[bytes, bool]] = [(table, True)]  # (bytes, is a table: entries have keys)
+    while stack:
+        data, keyed = stack.pop()
+        position = 0
+        while position < len(data):
+            if keyed:
+                position += 1 + data[position]
+            end = _value_end(data, position)
+            if end is None:
+                break
+            count += 1
+            if count > limit:
+                return True
+            tag = data[position : position + 1]
+            if tag in (b"A", b"F"):
+                stack.append((data[position + 5 : end], tag == b"F"))
+            position = end
+    return False
 
 
 # Methods that carry a producer's routing key to a consumer: with a `CC` header a producer can

@@ -60,6 +60,15 @@ CASES = [
         _entry(b"x-k\xffey", b"S" + longstr(b"v")),
         "not UTF-8",
     ),
+    HostileCase(
+        # pamqp decodes this in time quadratic in its size (a second of the event loop): a
+        # table of more than 1024 values is refused before any decoding.
+        "header_array_of_120000_values",
+        CONTENT_TYPE,
+        [(b"x-many", b"A" + longstr(b"V" * 120_000)), FINE_ENTRY],
+        _entry(b"x-many", b"A" + longstr(b"V" * 120_000)),
+        "more than 1024 values",
+    ),
     HostileCase("content_type_0xff", CONTENT_TYPE + b"\xff", [FINE_ENTRY], None, "content_type"),
     HostileCase("reply_to_0xff", CONTENT_TYPE, [FINE_ENTRY], None, "reply_to", answerable=False),
 ]

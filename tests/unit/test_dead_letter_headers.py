@@ -143,3 +143,22 @@ def test_a_property_that_cannot_be_encoded_again_is_left_out_and_named() -> None
     assert properties.delivery_mode is None and properties.priority is None
     assert properties.headers[TRUNCATED_HEADER] == "delivery_mode,priority"
     assert letter.properties.table.count(TRUNCATED_HEADER.encode()) == 1
+
+
+def test_values_are_counted_in_nested_tables_and_arrays_without_decoding() -> None:
+    from broker.salvage import values_over
+
+    def entry(key: bytes, value: bytes) -> bytes:
+        return bytes([len(key)]) + key + value
+
+    def sized(tag: bytes, data: bytes) -> bytes:
+        return tag + len(data).to_bytes(4, "big") + data
+
+    flat = b"".join(entry(b"k%d" % n, b"V") for n in range(10))
+    assert not values_over(flat, 10) and values_over(flat, 9)
+    # An array of 5 and a table of 3 nested in it: 1 + 5 + 1 + 3 values.
+    nested = entry(b"a", sized(b"A", b"V" * 4 + sized(b"F", entry(b"x", b"t\x01") * 3)))
+    assert not values_over(nested, 9) and values_over(nested, 8)
+    # Undecodable parts end the walk of their container, never raise.
+    assert not values_over(entry(b"\xff", b"T" + b"\xff" * 8) + b"\x01k?", 5)
+    assert values_over(entry(b"m", sized(b"A", b"V" * 120_000)), 1024)
