@@ -16,8 +16,10 @@ class ActiveTask:
     settled: "asyncio.Future[None]" = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
-    # Renewal copies of this task's message that reached us: held until the next renewal.
+    # Renewal copies of this task's message that reached us since the last renewal, and
+    # those of before it: the next renewal acks the latter, the task's end settles both.
     copies: list[Settlement] = field(default_factory=list)
+    renewed_copies: list[Settlement] = field(default_factory=list)
 
 
 class ActiveTasks:
@@ -37,11 +39,12 @@ class ActiveTasks:
         self._by_id[task_id] = active
         return active
 
-    def end(self, task_id: str) -> None:
+    def end(self, task_id: str) -> ActiveTask | None:
         """The task's outcome is published (or failed to be): release whoever waits on it."""
         active = self._by_id.pop(task_id, None)
         if active is not None and not active.settled.done():
             active.settled.set_result(None)
+        return active
 
     def cancel(self, task_id: str) -> str | None:
         """Stop a waiting or running task; returns the state it was in, or None if unknown."""

@@ -345,6 +345,12 @@ class Ingress:
         finally:
             if outcome is not None:
                 self._on_settled(outcome)
+        if not outcome.settle:
+            # Settled later by whoever holds it (a renewal copy, by its task): only the body
+            # is let go now, so held memory is what `held` says.
+            if isinstance(settlement, AmqpSettlement):
+                settlement.forget_body()
+            return
         await settlement.ack()
 
     async def _publish(self, delivery: Delivery, outcome: Outcome, record: bytes | None) -> None:
@@ -436,6 +442,11 @@ class AmqpSettlement:
             # Debug, not warning: it happens to every delivery of a dropped connection, and
             # the reconnect is logged once.
             log.debug("ack failed after the outcome was published", error=str(exc))
+
+    def forget_body(self) -> None:
+        """Acking and requeueing need only the channel and delivery tag."""
+        # setattr: the abstract type does not declare `body` in its slots; the message does.
+        setattr(self._message, "body", b"")  # noqa: B010
 
     async def requeue(self) -> None:
         if self._settled:

@@ -30,6 +30,9 @@ class Outcome:
     dead_letter_errors: bool = True
     record: bool = True
     reply: bool = True
+    # False: not acknowledged now either; the delivery is settled by someone else (a renewal
+    # copy of a task running here is settled with the task: see TaskProcessor).
+    settle: bool = True
     # For metrics: where it ran (None when it never did) and how long it waited and ran.
     pool: str | None = None
     queued_ms: float = 0.0
@@ -139,3 +142,8 @@ def duplicate(
         record=False,
         reply=not redelivered,
     )
+
+
+def held_copy(task_id: str, routing_type: str) -> Outcome:
+    """A renewal copy of a task running here: no reply, no record, not settled now."""
+    return Outcome(task_id, "held", b"", routing_type, record=False, reply=False, settle=False)

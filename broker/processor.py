@@ -19,7 +19,7 @@ from broker.delivery import LEASE_HEADER, Delivery, Settlement
 from broker.errors import Rejection
 from broker.intake import admit, is_expired
 from broker.leases import LeaseSeal
-from broker.outcome import Outcome, duplicate, refused, rejected, succeeded
+from broker.outcome import Outcome, duplicate, held_copy, refused, rejected, succeeded
 from broker.outcomes import OutcomeStore
 from broker.placement import PlacementRules
 from broker.pools import PoolSet
@@ -54,6 +54,7 @@ class TaskProcessor:
         self._store = store
         self._rules = PlacementRules(settings)
         self.active = ActiveTasks()
+        self._settling: set[asyncio.Future[None]] = set()
         self.leases = LeaseSeal(
             settings.lease_secret.get_secret_value().encode() if settings.lease_secret else None
         )
@@ -120,7 +121,23 @@ class TaskProcessor:
     def settled(self, outcome: Outcome) -> None:
         """The outcome was published and recorded (or that failed): duplicates may go on."""
         if outcome.task_id is not None and outcome.record:
-            self.active.end(outcome.task_id)
+            active = self.active.end(outcome.task_id)
+            if active is not None and (active.copies or active.renewed_copies):
+                self._settle_copies(outcome.task_id, active.copies + active.renewed_copies)
+
+    def _settle_copies(self, task_id: str, copies: list[Settlement]) -> None:
+        """The renewal copies of a task that ended here: acknowledged once its outcome is
+        stored; handed back to the queue when it is not (its publish failed), since a copy
+        may be the task's only message by then."""
+        stored = self._store.get(task_id) is not None
+
+        async def settle() -> None:
+            for copy in copies:
+                await (copy.ack() if stored else copy.requeue())
+
+        task = asyncio.ensure_future(settle())
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     async def _earlier_outcome(
         self, task_id: str, routing_type: str, delivery: Delivery
@@ -130,7 +147,10 @@ class TaskProcessor:
         active = self.active.get(task_id)
         if active is not None:
             if delivery.lease and delivery.settle_token is not None:
+                # Our own renewal copy: held (not awaited here, so its body is let go) and
+                # settled by the next renewal or with the task.
                 active.copies.append(delivery.settle_token)
+                return held_copy(task_id, routing_type)
             await asyncio.shield(active.settled)
         stored = self._store.get(task_id)
         if stored is None:
@@ -212,7 +232,8 @@ class TaskProcessor:
                 continue
             for settlement in held:
                 await settlement.ack()
-            held, active.copies = active.copies, []
+            held = active.renewed_copies = active.copies
+            active.copies = []
             log.info("lease renewed", lease=lease)
             await asyncio.sleep(self._settings.lease_renew_s)
 

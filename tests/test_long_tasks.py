@@ -134,3 +134,29 @@ async def test_renewal_copies_carry_headers_no_decoder_could_encode_again(
     assert daemon.ingress.redelivered == 0
     # Copies were made and came back (a copy that could not be encoded was never made).
     assert daemon.ingress.received > 1
+
+
+async def test_renewal_copies_held_by_their_daemon_do_not_pile_up_in_memory(
+    start_daemon: DaemonFactory, producer: RawProducer
+) -> None:
+    """Each renewal copy of a task running here comes back to this daemon and is held until
+    the next renewal or the task's end; its body is let go at once, so the bytes held stay
+    those of the task and a copy or two, not one more body per renewal."""
+    daemon = await start_daemon(handler_modules=[DIAGNOSTICS], lease_renew_s=0.2)
+    assert daemon.ingress is not None
+    inbox = await producer.inbox()
+    body = task("training", "sleep", {"seconds": 3.0, "pad": "x" * 1_000_000}, id="big-lease")
+    await producer.publish("training", body, reply_to=inbox.name)
+    reply = await inbox.one()
+    assert reply.payload["status"] == "ok"
+    assert reply.payload["attempts"] == 1
+    copies = daemon.ingress.received - 1
+    assert copies >= 5  # renewed every 0.2 s over a 3 s run
+    # A sentinel behind the copies: once it is answered, every copy was consumed and settled.
+    await producer.publish("training", task("training", "echo", "sentinel"), reply_to=inbox.name)
+    await inbox.wait_for(2)
+    assert len(inbox.messages) == 2  # the copies were acknowledged without replies
+    # The original, the copy being consumed and the one just queued: never one per renewal.
+    assert daemon.ingress.held.peak < 4 * 1_000_000, (daemon.ingress.held.peak, copies)
+    depths = await daemon.ingress.queue_depths()
+    assert depths["swarm.tasks.training"] == 0
