@@ -11,6 +11,7 @@ from ray.cluster_utils import Cluster
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from hardening import REPORTED
 from rabbit import RabbitServer, rabbit_server
 from raw import RawProducer
 
@@ -20,6 +21,14 @@ from broker.settings import Settings
 # Logical CPUs: the session's local Ray advertises more than the machine's cores so that
 # several daemons' pools fit at once; tasks here are short.
 SESSION_RAY_CPUS = 8
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The hardening suite's figures, one line per hostile case, whatever the verbosity."""
+    if REPORTED:
+        terminalreporter.section("hardening figures")
+        for line in REPORTED:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,9 @@ duplicate beyond what the README's Guarantees allow, the daemon ready.
 import os
 from dataclasses import asdict, dataclass
 
+# Every line reported in this run, printed again together at the end (tests/conftest.py).
+REPORTED: list[str] = []
+
 
 def rss_mb(pid: int | None = None) -> float:
     """Resident memory now (VmRSS) of a process, this one by default."""
@@ -44,7 +47,9 @@ class Figures:
             for key, value in asdict(self).items()
             if key != "case"
         )
-        print(f"hardening case={self.case} {values}")
+        line = f"hardening case={self.case} {values}"
+        print(line)
+        REPORTED.append(line)
         return self
 
     def check(self, *, duplicates_allowed: int = 0, dead_letters: int | None = None) -> None:

@@ -45,10 +45,23 @@ async def test_a_killed_actor_fails_every_queued_run(actor: Any) -> None:
     import ray.exceptions
 
     ray.kill(actor, no_restart=True)
+    # ray.kill is asynchronous: calls sent before the kill lands still run. A call that fails
+    # is the event that says the actor is gone; every call after it must fail too.
+    await wait_until_dead(actor)
     coalescer = CallCoalescer(actor)
     waiters = [coalescer.submit(("echo", "inference", n, None)) for n in range(5)]
     results = await asyncio.gather(*waiters, return_exceptions=True)
     assert all(isinstance(r, ray.exceptions.RayActorError) for r in results), results
+
+
+async def wait_until_dead(actor: Any) -> None:
+    import ray.exceptions
+
+    while True:
+        try:
+            await actor.describe.remote()
+        except ray.exceptions.RayActorError:
+            return
 
 
 @pytest.fixture
