@@ -35,16 +35,19 @@ class ActiveTasks:
         return len(self._by_id)
 
     def begin(self, task_id: str) -> ActiveTask:
+        """Only once no entry for the id is left: TaskProcessor waits out the one in progress."""
         active = ActiveTask(task_id, asyncio.current_task())
         self._by_id[task_id] = active
         return active
 
-    def end(self, task_id: str) -> ActiveTask | None:
-        """The task's outcome is published (or failed to be): release whoever waits on it."""
-        active = self._by_id.pop(task_id, None)
-        if active is not None and not active.settled.done():
+    def end(self, active: ActiveTask) -> None:
+        """The task's outcome is published (or failed to be): release whoever waits on it.
+        By the entry, not the id: an entry that ended late (a second settle, a stray end)
+        must not take away the entry of a later run of the same id."""
+        if self._by_id.get(active.task_id) is active:
+            del self._by_id[active.task_id]
+        if not active.settled.done():
             active.settled.set_result(None)
-        return active
 
     def cancel(self, task_id: str) -> str | None:
         """Stop a waiting or running task; returns the state it was in, or None if unknown."""

@@ -1,20 +1,15 @@
 """Per-delivery state, kept apart from the frozen task envelope."""
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from broker.settlement import Settlement
 from schemas.topology import PROGRESS_HEADER
+
+__all__ = ["LEASE_HEADER", "Delivery", "Settlement"]
 
 # Header on a copy of a long-running task that the daemon republished to renew its hold on it.
 LEASE_HEADER = "x-swarm-lease"
-
-
-class Settlement(Protocol):
-    """The transport's handle on one delivery. Both calls are idempotent: the first wins."""
-
-    async def ack(self) -> None: ...
-
-    async def requeue(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -22,7 +17,8 @@ class Delivery:
     """One message as it arrived: the raw bytes and AMQP properties, and where it came from.
 
     `properties` holds the original AMQP properties by their aio-pika names, so a dead letter
-    can carry them unchanged. `settle_token` is the transport's handle for acknowledging.
+    can carry them unchanged. `settle_token` is the transport's handle for acknowledging, a
+    state machine that raises on a second ack (broker/settlement.py).
     """
 
     body: bytes

@@ -13,6 +13,16 @@ class AmqpUnavailable(BrokerError):
     """RabbitMQ could not be reached or refused us."""
 
 
+class SettlementError(BrokerError):
+    """A delivery was asked to do what its state does not allow (broker/settlement.py): a
+    second ack, a requeue after an ack. Always a bug in Swarm, never the producer's doing."""
+
+    def __init__(self, state: str, action: str) -> None:
+        super().__init__(f"cannot {action} a delivery that is {state}")
+        self.state = state
+        self.action = action
+
+
 @dataclass(frozen=True)
 class Rejection:
     """A task answered without running: the wire error code, a message, and the id if known.

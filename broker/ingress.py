@@ -21,6 +21,7 @@ from broker.outcomes import OutcomeStore
 from broker.publish_stats import PublishStats
 from broker.queue_depths import QueueDepths
 from broker.session import AmqpSession
+from broker.settlement import Settlement
 from broker.shared_read import SharedRead
 from schemas.topology import CONTROL_QUEUE, DEAD_QUEUE, TASK_TYPES, task_queue
 
@@ -346,10 +347,9 @@ class Ingress:
             if outcome is not None:
                 self._on_settled(outcome)
         if not outcome.settle:
-            # Settled later by whoever holds it (a renewal copy, by its task): only the body
-            # is let go now, so held memory is what `held` says.
-            if isinstance(settlement, AmqpSettlement):
-                settlement.forget_body()
+            # Held by the task running here (a renewal copy or redelivery of it), which settles
+            # it; its body was let go when it was handed over, so held memory is what `held`
+            # says.
             return
         await settlement.ack()
 
@@ -420,20 +420,17 @@ class Ingress:
             await self._session.close()
 
 
-class AmqpSettlement:
-    """Acknowledges or requeues one delivery, once. A long task's delivery may be acked early,
-    when its renewal copy is safely queued, and again at the end: the second call is a no-op."""
+class AmqpSettlement(Settlement):
+    """Acknowledges or requeues one delivery on its channel; broker/settlement.py decides
+    which calls are legal (a second ack raises)."""
 
-    __slots__ = ("_message", "_settled")
+    __slots__ = ("_message",)
 
     def __init__(self, message: AbstractIncomingMessage) -> None:
+        super().__init__()
         self._message = message
-        self._settled = False
 
-    async def ack(self) -> None:
-        if self._settled:
-            return
-        self._settled = True
+    async def _send_ack(self) -> None:
         try:
             await self._message.ack()
         except Exception as exc:
@@ -443,15 +440,12 @@ class AmqpSettlement:
             # the reconnect is logged once.
             log.debug("ack failed after the outcome was published", error=str(exc))
 
-    def forget_body(self) -> None:
+    def _let_go_of_body(self) -> None:
         """Acking and requeueing need only the channel and delivery tag."""
         # setattr: the abstract type does not declare `body` in its slots; the message does.
         setattr(self._message, "body", b"")  # noqa: B010
 
-    async def requeue(self) -> None:
-        if self._settled:
-            return
-        self._settled = True
+    async def _send_requeue(self) -> None:
         try:
             await self._message.nack(requeue=True)
         except Exception as exc:

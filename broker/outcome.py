@@ -1,11 +1,15 @@
 """A task's outcome, ready for the transport to publish, record and settle; and its builders."""
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from broker.errors import Rejection
 from broker.replies import encode_reply, error_reply
 from schemas.reply import Reply, Timing
+
+if TYPE_CHECKING:
+    from broker.active import ActiveTask
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,9 @@ class Outcome:
     run_ms: float = 0.0
     # W3C trace context headers for the reply (broker/tracing.py); None without a trace.
     trace_headers: dict[str, str] | None = None
+    # The processor's entry for the run that produced it, ended once the outcome is settled
+    # (TaskProcessor.settled); None for outcomes of no run of this daemon's.
+    active: "ActiveTask | None" = field(default=None, compare=False, repr=False)
 
     @property
     def dead_letter(self) -> bool:

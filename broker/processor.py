@@ -108,22 +108,26 @@ class TaskProcessor:
                 status="cancelled",
             )
         structlog.contextvars.bind_contextvars(task_id=task.id)
+        # No await since _earlier_outcome found no entry for the id: this run is its only one.
         active = self.active.begin(task.id)
         try:
-            return await self._admitted(delivery, task, active)
+            outcome = await self._admitted(delivery, task, active)
         except BaseException:
-            self.active.end(task.id)  # no outcome: nothing will be settled for it
+            self.active.end(active)  # no outcome: nothing will be settled for it
             raise
         finally:
             active.worker = None  # decided: a cancel from now on finds it finishing
             structlog.contextvars.unbind_contextvars("task_id")
+        return dataclasses.replace(outcome, active=active)
 
     def settled(self, outcome: Outcome) -> None:
         """The outcome was published and recorded (or that failed): duplicates may go on."""
-        if outcome.task_id is not None and outcome.record:
-            active = self.active.end(outcome.task_id)
-            if active is not None and (active.copies or active.renewed_copies):
-                self._settle_copies(outcome.task_id, active.copies + active.renewed_copies)
+        active = outcome.active
+        if active is None:
+            return
+        self.active.end(active)
+        if active.copies or active.renewed_copies:
+            self._settle_copies(active.task_id, active.copies + active.renewed_copies)
 
     def _settle_copies(self, task_id: str, copies: list[Settlement]) -> None:
         """The renewal copies of a task that ended here: acknowledged once its outcome is
@@ -143,13 +147,20 @@ class TaskProcessor:
         self, task_id: str, routing_type: str, delivery: Delivery
     ) -> Outcome | None:
         """The stored reply when this id already has a final outcome (waiting for it when the
-        same id is in progress here), else None."""
-        active = self.active.get(task_id)
-        if active is not None:
-            if delivery.lease and delivery.settle_token is not None:
-                # Our own renewal copy: held (not awaited here, so its body is let go) and
-                # settled by the next renewal or with the task.
-                active.copies.append(delivery.settle_token)
+        same id is in progress here), else None: then no run of the id is in progress here
+        either, and the caller begins one before its next await."""
+        # A loop, not one wait: several deliveries of the id may wait on the same run, and
+        # when it ends without a stored outcome only the first of them to wake may run it;
+        # the others find that one's entry and wait again.
+        while (active := self.active.get(task_id)) is not None:
+            token = delivery.settle_token
+            if (delivery.lease or delivery.redelivered) and token is not None:
+                # Our own renewal copy, or this task's message redelivered while it runs here
+                # (the channel it came on closed): held, not awaited here, so its body is let
+                # go and it cannot outstay RabbitMQ's consumer timeout; acked at the next
+                # renewal, or settled with the task.
+                token.hold()
+                active.copies.append(token)
                 return held_copy(task_id, routing_type)
             await asyncio.shield(active.settled)
         stored = self._store.get(task_id)
@@ -179,7 +190,7 @@ class TaskProcessor:
         keeper: list[asyncio.Task[None]] = []
         timer = asyncio.get_running_loop().call_later(
             self._settings.lease_renew_s,
-            lambda: keeper.append(asyncio.create_task(self._keep_lease(delivery, active))),
+            lambda: keeper.append(self._start_keeper(delivery, active)),
         )
         request = placement.request
         spec = self._registry.get(task.handler)
@@ -208,6 +219,24 @@ class TaskProcessor:
             for keeping in keeper:
                 keeping.cancel()
 
+    def _start_keeper(self, delivery: Delivery, active: ActiveTask) -> "asyncio.Task[None]":
+        keeper = asyncio.create_task(self._keep_lease(delivery, active))
+        task_id = active.task_id
+
+        def observe(done: "asyncio.Task[None]") -> None:
+            # The keeper catches what a renewal raises and goes on; should it end anyway, the
+            # task would outstay RabbitMQ's consumer timeout without a word: say so.
+            if not done.cancelled() and done.exception() is not None:
+                error = done.exception()
+                log.error(
+                    "lease_keeper_stopped",
+                    task_id=task_id,
+                    error=f"{type(error).__name__}: {error}",
+                )
+
+        keeper.add_done_callback(observe)
+        return keeper
+
     async def _keep_lease(self, delivery: Delivery, active: ActiveTask) -> None:
         """Keep a long task clear of RabbitMQ's consumer timeout (30 min by default), past
         which RabbitMQ would close the channel and redeliver everything on it.
@@ -216,26 +245,45 @@ class TaskProcessor:
         and only then is the delivery we hold acknowledged. The copy waits in the queue, or
         here as a duplicate, until the next renewal or the outcome; if this daemon dies, the
         copy is the task's message for the next one. At no instant is the task only in memory.
+
+        Nothing a renewal raises ends the keeper: it is logged (`lease_renewal_failed`) and
+        the renewal tried again `lease_renew_s` later.
         """
-        held: list[Settlement] = [delivery.settle_token] if delivery.settle_token else []
+        original = delivery.settle_token  # the delivery being run: acked at the first renewal
+        held: list[Settlement] = []  # copies held since the renewal before: acked at this one
         lease = delivery.lease
         while True:
-            lease += 1
             try:
-                await self.renew(delivery, self.leases.header_value(delivery, lease))
+                await self.renew(delivery, self.leases.header_value(delivery, lease + 1))
             except Exception as exc:
                 # Nothing is acked without its copy queued: the deliveries stay held (and go
                 # back to the queue if RabbitMQ's consumer_timeout closes the channel first).
-                log.error("lease not renewed; trying again later", lease=lease, error=str(exc))
-                lease -= 1
-                await asyncio.sleep(self._settings.lease_renew_s)
-                continue
-            for settlement in held:
-                await settlement.ack()
-            held = active.renewed_copies = active.copies
-            active.copies = []
-            log.info("lease renewed", lease=lease)
+                log.error(
+                    "lease_renewal_failed",
+                    lease=lease + 1,
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in_s=self._settings.lease_renew_s,
+                )
+            else:
+                lease += 1
+                if original is not None:
+                    settling, original = original, None
+                    await self._settle_renewed(settling.renewed(), lease)
+                # Taken off the list before each ack, which is shared with the task's end
+                # (TaskProcessor.settled): a copy is settled once, even if the task ends here.
+                while held:
+                    await self._settle_renewed(held.pop(0).ack(), lease)
+                held = active.renewed_copies = active.copies
+                active.copies = []
+                log.info("lease renewed", lease=lease)
             await asyncio.sleep(self._settings.lease_renew_s)
+
+    @staticmethod
+    async def _settle_renewed(settling: Awaitable[None], lease: int) -> None:
+        try:
+            await settling
+        except Exception as exc:
+            log.error("lease_settle_failed", lease=lease, error=f"{type(exc).__name__}: {exc}")
 
     async def _run(
         self,
