@@ -51,13 +51,21 @@ class CallCoalescer:
             return
         calls = [call for call, _ in pending]
         waiters = [waiter for _, waiter in pending]
+        try:
+            if len(calls) == 1:
+                ref = self._handle.run.remote(*calls[0])
+            else:
+                ref = self._handle.run_many.remote(calls)
+            future = asyncio.wrap_future(ref.future())
+        except Exception as exc:
+            # The call never left (a killed actor's handle, a value Ray cannot serialise):
+            # counted in flight, it would hold this actor's and handler's runs forever.
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
         self._in_flight += 1
         self.calls_sent += 1
-        if len(calls) == 1:
-            ref = self._handle.run.remote(*calls[0])
-        else:
-            ref = self._handle.run_many.remote(calls)
-        future = asyncio.wrap_future(ref.future())
         future.add_done_callback(lambda done: self._returned(done, waiters))
 
     def _returned(
