@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 import aio_pika
+import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
@@ -38,7 +39,13 @@ from schemas.topology import (
     STATUS_HEADER,
 )
 
+log = structlog.get_logger("swarm.client")
+
 REPLY_QUEUE_EXPIRES_MS = 30 * 60 * 1000
+RECONNECT_FIRST_S = 0.2
+RECONNECT_MAX_S = 5.0
+# Bounded: closing a connection that is going away can wait forever.
+CLOSE_S = 5.0
 PUBLISH_ATTEMPTS = 8
 PUBLISH_WAIT_S = 60.0
 PUBLISH_RETRY_ON: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncio.TimeoutError)
@@ -88,39 +95,64 @@ class SwarmClient:
         self._supervisor = asyncio.create_task(self._supervise())
 
     async def _supervise(self) -> None:
+        """Whenever the session fails (its connection dropped, or RabbitMQ closed its channel),
+        open a new one, with backoff, until one opens: whatever a failed attempt raised (a
+        channel error while declaring is not an AmqpUnavailable). Only `close()`, which cancels
+        this task, ends it."""
         while not self._closing:
             await self._lost.wait()
             self._ready.clear()
-            delay_s = 0.2
+            await self._close_connection()
+            delay_s = RECONNECT_FIRST_S
             while not self._closing:
                 try:
                     await self._open()
                     break
-                except BrokerError:
+                except Exception as exc:
+                    log.warning(
+                        "client_reconnect_failed",
+                        error=f"{type(exc).__name__}: {exc}",
+                        retry_in_s=delay_s,
+                    )
                     await asyncio.sleep(delay_s)
-                    delay_s = min(5.0, delay_s * 2)
+                    delay_s = min(RECONNECT_MAX_S, delay_s * 2)
 
     async def _open(self) -> None:
+        """Connect, declare, consume the reply queue; a connection that fails on the way is
+        closed, never left behind."""
         connection = await connect(self._url, name="swarm-client")
         self._lost = asyncio.Event()
         lost = self._lost
         connection.close_callbacks.add(lambda *_: lost.set())
         self._connection = connection
-        self._channel = await self._connection.channel(publisher_confirms=True)
-        # Declaring is idempotent; it means a task published before any daemon ever ran is
-        # queued, not dropped.
-        topology = await declare(self._channel)
-        self._tasks = topology.tasks
-        # A reply queue named by the client, not exclusive: it outlives a dropped connection, so
-        # replies published while the client reconnects wait for it. RabbitMQ deletes it once
-        # unused for REPLY_QUEUE_EXPIRES_MS.
-        self._replies = await self._channel.declare_queue(
-            self._reply_queue,
-            durable=False,
-            arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
-        )
-        await self._replies.consume(self._on_reply, no_ack=True)
+        try:
+            self._channel = await connection.channel(publisher_confirms=True)
+            # A channel RabbitMQ closed (a refused publish, a deleted exchange) ends the
+            # session as a dropped connection does: publishes on it would fail until then.
+            self._channel.close_callbacks.add(lambda *_: lost.set())
+            # Declaring is idempotent; it means a task published before any daemon ever ran is
+            # queued, not dropped.
+            topology = await declare(self._channel)
+            self._tasks = topology.tasks
+            # A reply queue named by the client, not exclusive: it outlives a dropped
+            # connection, so replies published while the client reconnects wait for it.
+            # RabbitMQ deletes it once unused for REPLY_QUEUE_EXPIRES_MS.
+            self._replies = await self._channel.declare_queue(
+                self._reply_queue,
+                durable=False,
+                arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
+            )
+            await self._replies.consume(self._on_reply, no_ack=True)
+        except BaseException:
+            await self._close_connection()
+            raise
         self._ready.set()
+
+    async def _close_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), CLOSE_S)
 
     async def close(self) -> None:
         self._closing = True
@@ -129,8 +161,8 @@ class SwarmClient:
         for future in self._waiting.values():
             future.cancel()
         if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
+            connection, self._connection = self._connection, None
+            await connection.close()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         correlation_id = message.correlation_id or ""
