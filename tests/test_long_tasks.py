@@ -1,11 +1,21 @@
 """Tasks longer than RabbitMQ's consumer timeout: the lease is renewed by re-queueing a copy."""
 
+import asyncio
 import struct
 from pathlib import Path
 
 import msgpack
-import pytest
-from conftest import DaemonFactory
+from conftest import (
+    DaemonFactory,
+    journaled,
+    missing_requirement,
+    process_gone,
+    ray_actors,
+    until,
+    until_actors_dead,
+    until_journaled,
+    when_delivered,
+)
 from daemon_process import DaemonProcess
 from rabbit import RabbitServer
 from raw import RawProducer, task
@@ -14,30 +24,34 @@ from rawamqp import RawAmqp, longstr, properties, table
 DIAGNOSTICS = "workers.diagnostics"
 
 
-def runs(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
 async def test_a_task_outliving_its_lease_runs_once_and_answers_once(
-    start_daemon: DaemonFactory, producer: RawProducer, amqp_url: str, tmp_path: Path
+    start_daemon: DaemonFactory, producer: RawProducer, tmp_path: Path
 ) -> None:
     daemon = await start_daemon(handler_modules=[DIAGNOSTICS], lease_renew_s=0.3)
+    assert daemon.ingress is not None
+    gate, journal = tmp_path / "gate", tmp_path / "runs"
+    # The task, then two of its renewal copies back at this daemon while it still runs.
+    copies_back = when_delivered(daemon, 3)
     inbox = await producer.inbox()
-    body = task("training", "sleep", {"seconds": 2.0}, id="long-lease")
-    await producer.publish("training", body, reply_to=inbox.name)
+    args = {"path": str(gate), "journal": str(journal)}
+    await producer.publish(
+        "training", task("training", "wait_file", args, id="long-lease"), reply_to=inbox.name
+    )
+    await asyncio.wait_for(copies_back.wait(), 60)
+    gate.touch()
     reply = await inbox.one()
     assert reply.payload["status"] == "ok"
     assert reply.payload["attempts"] == 1
     # Had any delivery been held past the timeout, RabbitMQ would have closed the channel
     # and redelivered it.
     assert daemon.ingress.redelivered == 0
-    assert daemon.ingress.received > 1  # the renewal copies came back and were settled
     # A sentinel behind the renewal copies: once it is answered, every copy was consumed.
     await producer.publish("training", task("training", "echo", "sentinel"), reply_to=inbox.name)
     await inbox.wait_for(2)
     assert inbox.messages[0].payload["id"] == "long-lease"
     assert len(inbox.messages) == 2  # the copies were acknowledged without replies
-    assert daemon.ingress is not None
+    runs = journaled(journal)
+    assert [event for event, _ in runs] == ["started", "finished"], runs  # one run
     depths = await daemon.ingress.queue_depths()
     assert depths["swarm.tasks.training"] == 0
 
@@ -45,6 +59,8 @@ async def test_a_task_outliving_its_lease_runs_once_and_answers_once(
 async def test_daemon_killed_after_a_renewal_the_copy_carries_the_task(
     amqp_url: str, ray_address: str, producer: RawProducer, tmp_path: Path
 ) -> None:
+    """The run in the killed daemon dies with it; its renewal copy, left in the queue, is
+    run once more by the next daemon (one run there) and answered once."""
     journal, gate = tmp_path / "runs", tmp_path / "gate"
     # One lease secret for both daemons, as a deployment with a standby would have: the second
     # recognises the first's renewal copies (broker/leases.py).
@@ -53,24 +69,47 @@ async def test_daemon_killed_after_a_renewal_the_copy_carries_the_task(
         amqp_url, ray_address, handler_modules=DIAGNOSTICS, lease_renew_s=0.3, lease_secret=secret
     ).start()
     inbox = await producer.inbox("long-replies", durable=True)
-    body = task("training", "wait_file", {"path": str(gate)}, id="carried")
-    await producer.publish("training", body, reply_to=inbox.name)
+    args = {"path": str(gate), "journal": str(journal)}
+    await producer.publish(
+        "training", task("training", "wait_file", args, id="carried"), reply_to=inbox.name
+    )
+    [(_, first_pid)] = await until_journaled(journal, 1)  # running in the first daemon
     await first.logged("lease renewed", count=2)  # the original delivery is acked by now
+    [first_actor] = [
+        actor_id
+        for actor_id, actor in (await ray_actors()).items()
+        if actor["Pid"] == first_pid and actor["State"] == "ALIVE"
+    ]
     first.kill()
     await first.wait()
+    # Ray ends a dead driver's actors, and the run with them: only once its process is gone
+    # (Ray marks the actor dead before its process exits) is the gate opened.
+    await until_actors_dead({first_actor}, "the killed daemon's actor ends")
+    await until(lambda: process_gone(first_pid), f"the killed daemon's actor {first_pid} exits")
     gate.touch()
     second = await DaemonProcess(
         amqp_url, ray_address, handler_modules=DIAGNOSTICS, lease_secret=secret
     ).start()
     try:
         reply = await inbox.one()
+        # A sentinel behind the copies: once it is answered, every copy was consumed.
+        sentinel = await producer.inbox()
+        await producer.publish(
+            "training", task("training", "echo", "sentinel", id="sentinel"), reply_to=sentinel.name
+        )
+        await sentinel.one()
     finally:
         second.terminate()
         code = await second.wait()
         assert code == 0, "\n".join(second.other[-20:])
     assert reply.payload["id"] == "carried"
     assert reply.payload["status"] == "ok"
-    assert runs(journal) == 0
+    assert len(inbox.messages) == 1  # answered once
+    runs = journaled(journal)
+    # Begun in the first daemon, never finished there; run once, to the end, in the second.
+    second_pid = runs[1][1] if len(runs) > 1 else 0
+    assert second_pid != first_pid, runs
+    assert runs == [("started", first_pid), ("started", second_pid), ("finished", second_pid)]
 
 
 async def test_longer_than_rabbitmq_consumer_timeout(
@@ -79,7 +118,7 @@ async def test_longer_than_rabbitmq_consumer_timeout(
     """RabbitMQ's consumer timeout shortened to 2 s (it is checked once a minute): a 70 s task
     still runs once and is answered once, because no delivery is held past a lease."""
     if not rabbit.can_make_vhosts:
-        pytest.skip("needs rabbitmqctl to shorten the broker's consumer_timeout")
+        missing_requirement("needs rabbitmqctl to shorten the broker's consumer_timeout")
     rabbit.rabbitmqctl("eval", "application:set_env(rabbit, consumer_timeout, 2000).")
     try:
         daemon = await start_daemon(lease_renew_s=1.0)

@@ -5,8 +5,11 @@ from pathlib import Path
 
 import aio_pika
 import msgpack
-from conftest import DaemonFactory, when_waiting
+from conftest import DaemonFactory, journaled, until_journaled, when_waiting
 from raw import RawProducer, task
+
+from broker.active import ActiveTask
+from broker.daemon import Daemon
 
 DIAGNOSTICS = ["workers.diagnostics"]
 
@@ -37,28 +40,42 @@ async def test_a_republished_id_gets_the_stored_reply_and_never_runs_again(
     await results.wait_for(2)  # the duplicate's reply is copied too
 
 
+def when_found_in_progress(daemon: Daemon, task_id: str) -> asyncio.Event:
+    """An event set once a delivery of `task_id` finds a run of that id in progress in
+    `daemon` (the duplicate check's in-flight branch); the processor's own lookup, chained."""
+    found = asyncio.Event()
+    forward = daemon.tasks.active.get
+
+    def get(looked_up: str) -> ActiveTask | None:
+        active = forward(looked_up)
+        if active is not None and looked_up == task_id:
+            found.set()
+        return active
+
+    daemon.tasks.active.get = get  # type: ignore[method-assign]
+    return found
+
+
 async def test_the_same_id_twice_at_once_runs_once(
     start_daemon: DaemonFactory, producer: RawProducer, tmp_path: Path
 ) -> None:
-    await start_daemon(handler_modules=DIAGNOSTICS)
-    gate = tmp_path / "gate"
+    daemon = await start_daemon(handler_modules=DIAGNOSTICS)
+    gate, journal = tmp_path / "gate", tmp_path / "runs"
+    in_progress = when_found_in_progress(daemon, "same")
     inbox = await producer.inbox()
-    await producer.publish(
-        "training",
-        task("training", "wait_file", {"path": str(gate)}, id="same"),
-        reply_to=inbox.name,
-    )
-    await producer.publish(
-        "training",
-        task("training", "wait_file", {"path": str(gate)}, id="same"),
-        reply_to=inbox.name,
-    )
+    body = task("training", "wait_file", {"path": str(gate), "journal": str(journal)}, id="same")
+    await producer.publish("training", body, reply_to=inbox.name)
+    await producer.publish("training", body, reply_to=inbox.name)
+    # The first cannot end before its gate opens, and the gate opens only once the second
+    # delivery found the first in progress: the two overlap by construction, not by chance.
+    await asyncio.wait_for(in_progress.wait(), 60)
     gate.touch()
     first, second = await inbox.wait_for(2)
-    # One run: the second waited for the first's outcome and got its bytes (a second run
-    # would carry its own timings).
+    # One run: the second waited for the first's outcome and got its bytes.
     assert first.body == second.body
     assert msgpack.unpackb(first.body)["attempts"] == 1
+    runs = journaled(journal)
+    assert [event for event, _ in runs] == ["started", "finished"], runs
 
 
 async def test_outcomes_survive_a_daemon_restart(
@@ -95,24 +112,17 @@ async def _control(producer: RawProducer, request: dict[str, object]) -> dict[st
 async def test_cancel_a_running_task(
     start_daemon: DaemonFactory, producer: RawProducer, tmp_path: Path
 ) -> None:
-    daemon = await start_daemon(handler_modules=DIAGNOSTICS)
+    await start_daemon(handler_modules=DIAGNOSTICS)
+    gate, journal = tmp_path / "gate", tmp_path / "runs"
     inbox = await producer.inbox()
     dead = await producer.watch_dead()
-    running = asyncio.Event()
-    forward = daemon.scheduler.ledger.place
-
-    def place(pool: str, request: object) -> object:
-        placed = forward(pool, request)  # type: ignore[arg-type]
-        running.set()
-        return placed
-
-    daemon.scheduler.ledger.place = place  # type: ignore[method-assign,assignment]
+    args = {"path": str(gate), "journal": str(journal)}
     await producer.publish(
-        "training", task("training", "sleep", {"seconds": 600}, id="long"), reply_to=inbox.name
+        "training", task("training", "wait_file", args, id="long"), reply_to=inbox.name
     )
-    await asyncio.wait_for(running.wait(), 60)
+    await until_journaled(journal, 1)  # the handler began in the actor: certainly running
     answer = await _control(producer, {"v": 1, "op": "cancel", "id": "long"})
-    assert answer["state"] in {"waiting", "running"}
+    assert answer == {"id": "long", "state": "running"}
     payload = (await inbox.one()).payload
     assert payload["status"] == "cancelled"
     assert payload["error"]["code"] == "cancelled"

@@ -72,11 +72,25 @@ async def occupancy(args: Any) -> Any:
 
 @handler("wait_file")
 async def wait_file(args: Any) -> Any:
-    """Return once the file `args.path` exists: a gate a test opens when it is ready."""
+    """Return once the file `args.path` exists: a gate a test opens when it is ready.
+
+    With `args.journal`, each run appends `started <pid>` to that file as it begins and
+    `finished <pid>` as it returns: a test counts real runs, and sees one begin."""
     path = str(args["path"])
+    journal = args.get("journal")
+    if journal is not None:
+        _journal(str(journal), "started")
     while not await asyncio.to_thread(os.path.exists, path):  # noqa: ASYNC110 - across processes
         await asyncio.sleep(0.01)
+    if journal is not None:
+        _journal(str(journal), "finished")
     return {"path": path}
+
+
+def _journal(path: str, event: str) -> None:
+    """One line, appended in one write: runs in several actors may share the file."""
+    with open(path, "a") as log:
+        log.write(f"{event} {os.getpid()}\n")
 
 
 @handler("journal")
