@@ -23,6 +23,15 @@ class SettlementError(BrokerError):
         self.action = action
 
 
+class DeadlinePassed(BrokerError):
+    """A control signal, not a fault: a task waiting for room saw its deadline pass, and the
+    scheduler stopped its wait (the task is answered `expired`)."""
+
+    def __init__(self, deadline: float) -> None:
+        super().__init__(f"deadline {deadline} passed while waiting for room")
+        self.deadline = deadline
+
+
 @dataclass(frozen=True)
 class Rejection:
     """A task answered without running: the wire error code, a message, and the id if known.

@@ -126,6 +126,9 @@ class Ingress:
         self._consumers: dict[str, _Consumer] = {}
         self._session: AmqpSession | None = None
         self._progress_sends: set[asyncio.Task[None]] = set()
+        # Per task whose progress is being sent (by its delivery): the report waiting to go.
+        self._progress_waiting: dict[int, list[bytes]] = {}
+        self.progress_superseded = 0
         self._ready = asyncio.Event()
         # Refused, cut down, stripped and abandoned publishes, across sessions (metrics).
         self.publish_stats = PublishStats()
@@ -361,20 +364,41 @@ class Ingress:
 
     def publish_progress(self, delivery: Delivery, body: bytes) -> None:
         """Send a progress message in the background; one lost with a connection is not
-        sent again (the final reply is what is guaranteed)."""
+        sent again (the final reply is what is guaranteed).
+
+        Per task, one message is in flight and one waits: a report that arrives while one
+        waits replaces it (counted in `progress_superseded`), so a handler reporting faster
+        than RabbitMQ confirms costs one send task and two bodies, not one of each per
+        report. The `seq` of the messages sent shows the gap."""
         session = self._session
         if session is None or session.lost.is_set():
             return
-
-        async def send() -> None:
-            try:
-                await session.publisher.publish_progress(delivery, body)
-            except Exception as exc:
-                log.debug("progress message not sent", error=str(exc))
-
-        task = asyncio.ensure_future(send())
+        key = id(delivery)  # the delivery is referenced by its sender while the key is used
+        waiting = self._progress_waiting.get(key)
+        if waiting is not None:
+            if waiting:
+                self.progress_superseded += 1
+            waiting[:] = [body]
+            return
+        self._progress_waiting[key] = [body]
+        task = asyncio.ensure_future(self._send_progress(key, delivery))
         self._progress_sends.add(task)
         task.add_done_callback(self._progress_sends.discard)
+
+    async def _send_progress(self, key: int, delivery: Delivery) -> None:
+        waiting = self._progress_waiting[key]
+        try:
+            while waiting:
+                body = waiting.pop()
+                session = self._session
+                if session is None or session.lost.is_set():
+                    return
+                try:
+                    await session.publisher.publish_progress(delivery, body)
+                except Exception as exc:
+                    log.debug("progress message not sent", error=str(exc))
+        finally:
+            del self._progress_waiting[key]
 
     async def renew(self, delivery: Delivery, lease: str) -> None:
         """Put a renewal copy of a long task's message on its queue (confirmed)."""

@@ -123,6 +123,9 @@ class DaemonMetrics:
         )
         self.ready = False
         self.loop_tick_s = time.monotonic()
+        # Nodes with series now: a node that leaves the cluster has its series removed, or
+        # every node ever seen (autoscaled, replaced) would be scraped forever.
+        self._nodes: set[str] = set()
 
     def watch_held(self, held: HeldBytes) -> None:
         """Read at scrape time: two integer attributes, safe to read from the HTTP thread and
@@ -156,11 +159,19 @@ class DaemonMetrics:
             for resource in RESOURCES:
                 self.pool_reserved.labels(name, resource).set(pool["reserved"][resource])
                 self.pool_free.labels(name, resource).set(pool["free"][resource])
+        nodes: set[str] = set()
         for node in view.nodes:
             node_id = str(node["node_id"])[:12]
+            nodes.add(node_id)
             for resource in RESOURCES:
                 self.node_reserved.labels(node_id, resource).set(node["reserved"][resource])
                 self.node_free.labels(node_id, resource).set(node["free"][resource])
+        for gone in self._nodes - nodes:
+            for resource in RESOURCES:
+                for gauge in (self.node_reserved, self.node_free):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(gone, resource)
+        self._nodes = nodes
         for queue, depth in view.queues.items():
             self.queue_depth.labels(queue).set(depth)
 

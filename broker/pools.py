@@ -135,7 +135,7 @@ class PoolSet:
         timeout_s: float | None,
         task_id: str,
         attempt: int,
-        on_progress: Callable[[bytes], None],
+        on_progress: Callable[[bytes, int], None],
     ) -> RunOutcome:
         return await self._pools[actor.pool].run_streaming(
             actor.key, handler, task_type, args, timeout_s, task_id, attempt, on_progress

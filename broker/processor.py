@@ -6,7 +6,6 @@ calls `settled` once that is done.
 
 import asyncio
 import dataclasses
-import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -16,7 +15,7 @@ import structlog
 from broker import tracing
 from broker.active import ActiveTask, ActiveTasks
 from broker.delivery import LEASE_HEADER, Delivery, Settlement
-from broker.errors import Rejection
+from broker.errors import DeadlinePassed, Rejection
 from broker.intake import admit, is_expired
 from broker.leases import LeaseSeal
 from broker.outcome import Outcome, duplicate, held_copy, refused, rejected, succeeded
@@ -302,7 +301,12 @@ class TaskProcessor:
         # of its own, which would also take a batch handler's runs out of their shared call.
         streaming = spec.can_report_progress and delivery.wants_progress
         while True:
-            actor = await self._scheduler.acquire(pool, request, task.priority or 0, delivery.queue)
+            try:
+                actor = await self._scheduler.acquire(
+                    pool, request, task.priority or 0, delivery.queue, deadline_s=task.deadline
+                )
+            except DeadlinePassed:
+                return self._expired(task, active.attempts, _ms_since(delivery) - ran_ms)
             started = time.monotonic()
             lost: WorkerLost | None = None
             try:
@@ -399,14 +403,16 @@ class TaskProcessor:
 
     def _progress_reporter(
         self, delivery: Delivery, task_id: str, attempt: int
-    ) -> Callable[[bytes], None]:
-        """Turns one run's progress reports into progress messages (schemas/progress.py)."""
-        seq = itertools.count(1)
+    ) -> Callable[[bytes, int], None]:
+        """Turns one run's progress reports into progress messages (schemas/progress.py).
+        `seq` counts the handler's reports: those the actor dropped (`dropped` before this
+        one) leave a gap, so a consumer can tell it missed some."""
+        seq = 0
 
-        def report(data: bytes) -> None:
-            message = ProgressMessage(
-                id=task_id, progress=decode(data), seq=next(seq), attempt=attempt
-            )
+        def report(data: bytes, dropped: int = 0) -> None:
+            nonlocal seq
+            seq += 1 + dropped
+            message = ProgressMessage(id=task_id, progress=decode(data), seq=seq, attempt=attempt)
             self.publish_progress(delivery, encode(message.model_dump(mode="python")))
 
         return report

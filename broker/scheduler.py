@@ -11,10 +11,12 @@ queue with too many waiters stops being consumed, so its backlog stays in Rabbit
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
 
+from broker.errors import DeadlinePassed
 from broker.ledger import Ledger
 from workers.pool import ActorInfo
 from workers.resources import ResourceVector
@@ -54,37 +56,60 @@ class Scheduler:
         return len(self._waiting.get(pool, ()))
 
     async def acquire(
-        self, pool: str, request: ResourceVector, priority: int, tag: str | None = None
+        self,
+        pool: str,
+        request: ResourceVector,
+        priority: int,
+        tag: str | None = None,
+        *,
+        deadline_s: float | None = None,
     ) -> ActorInfo:
         """An actor of `pool` with room for `request`; waits until there is one. `tag` names
-        where the task came from (its queue), for the waiting-per-tag count."""
+        where the task came from (its queue), for the waiting-per-tag count. A wait still
+        going at `deadline_s` (unix seconds, the task's `deadline`) ends then, with
+        DeadlinePassed: the task is answered `expired` when its deadline passes, not when
+        room frees up, and leaves the waiting list at once."""
         queue = self._waiting.setdefault(pool, [])
         if not queue:
             placed = self.ledger.place(pool, request)
             if placed is not None:
                 return placed
-        waiter = _Waiter(
-            (-priority, next(self._arrival)),
-            request,
-            asyncio.get_running_loop().create_future(),
-            tag,
-        )
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter((-priority, next(self._arrival)), request, loop.create_future(), tag)
         queue.append(waiter)
         self._count(tag, +1)
         # Backfill: the newcomer may fit now even though the waiters ahead of it do not.
         self.wake(pool)
         self.on_pool_waiting(pool)
+        timer = None
+        if deadline_s is not None and not waiter.placed.done():
+            # Wall clock to loop clock once; a timer, not a task: most waits end before it.
+            timer = loop.call_later(
+                max(0.0, deadline_s - time.time()), self._expire, pool, waiter, deadline_s
+            )
         try:
             return await waiter.placed
         except asyncio.CancelledError:
-            if waiter.placed.done() and not waiter.placed.cancelled():
+            placed_future = waiter.placed
+            if (
+                placed_future.done()
+                and not placed_future.cancelled()
+                and placed_future.exception() is None
+            ):
                 # Placed in the same tick it was cancelled: give the room back.
-                self.release(pool, waiter.placed.result(), request)
+                self.release(pool, placed_future.result(), request)
             else:
                 self._forget(pool, waiter)
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             self._count(tag, -1)
+
+    def _expire(self, pool: str, waiter: _Waiter, deadline_s: float) -> None:
+        if not waiter.placed.done():
+            self._forget(pool, waiter)
+            waiter.placed.set_exception(DeadlinePassed(deadline_s))
 
     def release(self, pool: str, actor: ActorInfo, request: ResourceVector) -> None:
         self.ledger.finish(actor.key, request)

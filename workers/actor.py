@@ -4,6 +4,7 @@ import asyncio
 import dataclasses
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,8 +18,11 @@ from workers.results import encode_result
 from workers.setups import Setups
 from workers.signals import Retry
 
-# What `run_streaming` yields before its final RunOutcome: ("progress", msgpack bytes).
+# What `run_streaming` yields before its final RunOutcome: ("progress", msgpack bytes,
+# reports dropped just before this one).
 PROGRESS = "progress"
+# Progress reports waiting in the actor to be streamed; past it the oldest are dropped.
+MAX_PENDING_REPORTS = 64
 
 
 class WorkerActor:
@@ -123,30 +127,53 @@ class WorkerActor:
         task_id: str,
         attempt: int,
     ) -> AsyncIterator[Any]:
-        """`run`, yielding the handler's progress reports ("progress", msgpack bytes) as they
-        come, then the RunOutcome. Called with `num_returns="streaming"` for tasks whose
-        producer asked for progress."""
-        reports: asyncio.Queue[bytes] = asyncio.Queue()
+        """`run`, yielding the handler's progress reports ("progress", msgpack bytes, dropped)
+        as they come, then the RunOutcome. Called with `num_returns="streaming"` for tasks
+        whose producer asked for progress.
+
+        At most MAX_PENDING_REPORTS reports wait here to be yielded: a handler that reports
+        faster than they leave has its oldest pending ones dropped (progress is best effort,
+        and the latest report says the most), and `dropped` counts those dropped since the
+        report before, so the daemon's `seq` shows the gap."""
+        pending: deque[bytes] = deque()
+        dropped = 0
+        arrived = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def keep(report: bytes) -> None:
+            nonlocal dropped
+            if len(pending) >= MAX_PENDING_REPORTS:
+                pending.popleft()
+                dropped += 1
+            pending.append(report)
+            arrived.set()
 
         def sink(data: Any) -> None:
             # Encoded here, in the reporting thread, so that a bad value fails the handler's
-            # own call; queued through the loop, since sync handlers report from a thread.
-            loop.call_soon_threadsafe(reports.put_nowait, encode_result(data))
+            # own call; kept through the loop, since sync handlers report from a thread.
+            loop.call_soon_threadsafe(keep, encode_result(data))
+
+        def take() -> tuple[str, bytes, int]:
+            nonlocal dropped
+            report, skipped, dropped = pending.popleft(), dropped, 0
+            if not pending:
+                arrived.clear()
+            return (PROGRESS, report, skipped)
 
         run = asyncio.ensure_future(
             self.run(handler, task_type, args, timeout_s, task_id, attempt, sink)
         )
         try:
             while not run.done():
-                report = asyncio.ensure_future(reports.get())
-                await asyncio.wait({run, report}, return_when=asyncio.FIRST_COMPLETED)
-                if report.done():
-                    yield (PROGRESS, report.result())
-                else:
-                    report.cancel()
-            while not reports.empty():
-                yield (PROGRESS, reports.get_nowait())
+                waiting = asyncio.ensure_future(arrived.wait())
+                await asyncio.wait({run, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+                if pending:
+                    yield take()
+            # Reports the thread queued through the loop before the run returned.
+            await asyncio.sleep(0)
+            while pending:
+                yield take()
             yield run.result()
         finally:
             run.cancel()  # a no-op once done; stops the handler when the call was cancelled

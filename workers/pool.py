@@ -154,9 +154,10 @@ class RayActorPool:
         timeout_s: float | None,
         task_id: str,
         attempt: int,
-        on_progress: Callable[[bytes], None],
+        on_progress: Callable[[bytes, int], None],
     ) -> RunOutcome:
-        """`run`, handing each progress report (msgpack bytes) to `on_progress` as it comes."""
+        """`run`, handing each progress report (msgpack bytes) to `on_progress` as it comes,
+        with how many reports the actor dropped just before it (WorkerActor.run_streaming)."""
         import ray
 
         handle = self._handle(key)
@@ -168,8 +169,8 @@ class RayActorPool:
                 item = await ref
                 if isinstance(item, RunOutcome):
                     return item
-                _, report = item
-                on_progress(report)
+                _, report, dropped = item
+                on_progress(report, dropped)
         except asyncio.CancelledError:
             ray.cancel(stream)
             raise
