@@ -42,15 +42,43 @@ async def test_submit_error_reply_exits_2(daemon: Daemon, amqp_url: str) -> None
     assert json.loads(done.stdout)["error"]["code"] == "handler_error"
 
 
-async def test_status_table(daemon: Daemon, amqp_url: str) -> None:
-    done = await _swarm("status", amqp_url=amqp_url)
+async def test_status_json_reports_the_daemons_pools_queues_and_limits(
+    daemon: Daemon, amqp_url: str
+) -> None:
+    done = await _swarm("status", "--json", amqp_url=amqp_url)
     assert done.returncode == 0, done.stderr
-    assert "swarm.tasks.inference" in done.stdout
-    assert "cpu" in done.stdout
+    answer = json.loads(done.stdout)
+    assert set(answer) == {"pools", "nodes", "queues", "limits"}
+    assert set(answer["pools"]) == set(daemon.pools.names)
+    cpu = answer["pools"]["cpu"]
+    # The daemon fixture's CPU pool: one actor, idle.
+    assert (cpu["actors"], cpu["min_actors"], cpu["max_actors"]) == (1, 1, 1)
+    assert (cpu["running"], cpu["waiting"]) == (0, 0)
+    assert cpu["free"] == cpu["reserved"]
+    assert answer["queues"]["swarm.tasks.inference"] == 0
+    assert answer["limits"]["prefetch"] == daemon.settings.prefetch
+    assert [node["alive"] for node in answer["nodes"]] == [True] * len(answer["nodes"])
+    assert sum(node["actors"] for node in answer["nodes"]) == sum(
+        pool["actors"] for pool in answer["pools"].values()
+    )
+
+
+async def test_status_table_shows_every_pool_and_queue(daemon: Daemon, amqp_url: str) -> None:
+    as_json = await _swarm("status", "--json", amqp_url=amqp_url)
+    assert as_json.returncode == 0, as_json.stderr
+    answer = json.loads(as_json.stdout)
+    done = await _swarm("status", amqp_url=amqp_url, COLUMNS="200")  # no wrapped rows
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if "│" in line}
+    for name, pool in answer["pools"].items():
+        assert rows[name].split("│")[2].strip() == str(pool["actors"]), rows[name]
+    for queue, depth in answer["queues"].items():
+        assert rows[queue].split("│")[2].strip() == str(depth), rows[queue]
 
 
 async def test_schema_prints_json_schema() -> None:
     done = await _swarm("schema", amqp_url="")
+    assert done.returncode == 0, done.stderr
     schema = json.loads(done.stdout)
     assert schema["task"]["additionalProperties"] is False
     assert "handler" in schema["task"]["required"]
