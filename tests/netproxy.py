@@ -5,6 +5,7 @@
         ...
         await proxy.cut()               # close every live connection, both ways
         proxy.stall(); proxy.resume()   # hold bytes without closing, then let them flow
+        await proxy.wait_held(1)        # until a stall has held bytes in at least one pump
         proxy.block(); proxy.unblock()  # refuse new connections (reset at once)
 
 It listens on 127.0.0.1 (an ephemeral port) and forwards only to a 127.0.0.1 target. Each
@@ -81,6 +82,8 @@ class TcpProxy:
         self.accepted = 0  # connections accepted and forwarded
         self.refused = 0  # connections turned away while blocked (or the target refused)
         self.cuts = 0  # connections closed by cut()
+        # Chunks a stall held back: each direction of a link holds at most one at a time.
+        self.held = 0
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -183,6 +186,10 @@ class TcpProxy:
         """Until at least `count` connections were turned away in all (e.g. while blocked)."""
         await self._wait(lambda: self.refused >= count, timeout_s)
 
+    async def wait_held(self, count: int, timeout_s: float = 60.0) -> None:
+        """Until stalls have held back at least `count` chunks in all (a stall that bites)."""
+        await self._wait(lambda: self.held >= count, timeout_s)
+
     # -- internals ------------------------------------------------------------------------
 
     async def _wait(self, done: Callable[[], bool], timeout_s: float) -> None:
@@ -250,7 +257,10 @@ class TcpProxy:
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(self._chunk_bytes):
-                await self._flowing.wait()
+                if not self._flowing.is_set():
+                    self.held += 1
+                    await self._notify()
+                    await self._flowing.wait()
                 if writer.is_closing():
                     return
                 writer.write(data)
