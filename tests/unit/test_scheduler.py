@@ -2,9 +2,10 @@
 
 import asyncio
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import pytest
-from hypothesis import settings
+from hypothesis import assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -686,3 +687,238 @@ class LedgerMachine(RuleBasedStateMachine):
 
 LedgerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
 TestLedgerMachine = LedgerMachine.TestCase
+
+
+# == Scheduler: random sequences ================================================================
+
+
+@dataclass(eq=False)
+class ModelWaiter:
+    """A task the model knows to be waiting in the scheduler for room."""
+
+    pool: str
+    request: ResourceVector
+    priority: int
+    arrival: int
+    tag: str
+    task: "asyncio.Task[ActorInfo]"
+
+    def ahead_of(self, other: "ModelWaiter") -> bool:
+        """Served before `other` by the scheduler's rule: higher priority, then earlier."""
+        return (-self.priority, self.arrival) < (-other.priority, other.arrival)
+
+
+TAGS = ("q1", "q2")
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Drives the Scheduler itself (acquire, release, cancel, actors added, nodes lost and
+    back) on its own event loop, and checks after every step that:
+    - the ledger never over-commits, and holds exactly what the placed tasks were given;
+    - no task waits while there is room for it (the scheduler is work-conserving);
+    - no task was placed past one ahead of it in service order that asked no more than it
+      did (priority, then arrival; a larger one ahead may be passed: backfill);
+    - the waiting counts per pool and per tag are exact;
+    - and, when capacity returns (every node up, every task done), every waiter is served.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.alive = {"n1": True, "n2": True}
+        self.ledger = Ledger()
+        self.ledger.set_nodes(self._nodes())
+        self.scheduler = Scheduler(self.ledger)
+        self.serial = 0
+        self.arrivals = 0
+        self.holding: list[tuple[str, ActorInfo, ResourceVector]] = []
+        self.waiters: list[ModelWaiter] = []
+        self.placed_now: list[ModelWaiter] = []
+
+    def _nodes(self) -> list[NodeInfo]:
+        return [node(n, alive) for n, alive in self.alive.items()]
+
+    # -- running the loop --------------------------------------------------------------------
+    def _settle(self) -> None:
+        """Run the loop until every task it can advance has (each rule needs two turns at
+        most: one for the acquire or cancel, one for a waiter placed by it), then take the
+        placed and cancelled waiters out of the model."""
+
+        async def turns() -> None:
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        self.loop.run_until_complete(turns())
+        self.placed_now = []
+        still: list[ModelWaiter] = []
+        for waiter in self.waiters:
+            if not waiter.task.done():
+                still.append(waiter)
+            elif not waiter.task.cancelled():
+                self.holding.append((waiter.pool, waiter.task.result(), waiter.request))
+                self.placed_now.append(waiter)
+        self.waiters = still
+
+    def _fits_some_actor(self, pool: str, request: ResourceVector) -> bool:
+        return any(
+            load.info.pool == pool and request.fits_in(load.info.shape)
+            for load in self.ledger.actors.values()
+        )
+
+    # -- rules -------------------------------------------------------------------------------
+    @initialize(
+        actors=st.lists(
+            st.tuples(st.sampled_from(POOLS), shapes, st.integers(1, 3)), min_size=2, max_size=4
+        )
+    )
+    def some_actors(self, actors: list[tuple[str, ResourceVector, int]]) -> None:
+        for n, (pool, shape, max_concurrency) in enumerate(actors):
+            self._add(pool, ("n1", "n2")[n % 2], shape, max_concurrency)
+
+    def _add(self, pool: str, node_id: str, shape: ResourceVector, max_concurrency: int) -> None:
+        self.serial += 1
+        self.ledger.add_actor(ActorInfo(f"a{self.serial}", pool, node_id, shape, max_concurrency))
+
+    @rule(
+        pool=st.sampled_from(POOLS),
+        node_id=st.sampled_from(("n1", "n2")),
+        shape=shapes,
+        max_concurrency=st.integers(1, 3),
+    )
+    def add_actor(
+        self, pool: str, node_id: str, shape: ResourceVector, max_concurrency: int
+    ) -> None:
+        self._add(pool, node_id, shape, max_concurrency)
+        self.scheduler.wake(pool)  # as PoolSet does once an actor has started
+        self._settle()
+
+    @rule(
+        pool=st.sampled_from(POOLS),
+        request=requests,
+        priority=st.integers(0, 3),
+        tag=st.sampled_from(TAGS),
+    )
+    def acquire(self, pool: str, request: ResourceVector, priority: int, tag: str) -> None:
+        # Placement (broker/placement.py) refuses what no actor of the pool could ever hold.
+        assume(self._fits_some_actor(pool, request))
+        self.arrivals += 1
+        task = self.loop.create_task(self.scheduler.acquire(pool, request, priority, tag))
+        self.waiters.append(ModelWaiter(pool, request, priority, self.arrivals, tag, task))
+        self._settle()
+
+    @precondition(lambda self: bool(self.holding))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        index = data.draw(st.integers(0, len(self.holding) - 1))
+        pool, info, request = self.holding.pop(index)
+        self.scheduler.release(pool, info, request)
+        self._settle()
+
+    @precondition(lambda self: bool(self.waiters))
+    @rule(data=st.data(), release_first=st.booleans())
+    def cancel(self, data: st.DataObject, release_first: bool) -> None:
+        """A waiting task is cancelled; with `release_first`, in the same tick as room is
+        released (the waiter may have been placed already: its room must not leak)."""
+        waiter = data.draw(st.sampled_from(self.waiters))
+        if release_first and self.holding:
+            pool, info, request = self.holding.pop(0)
+            self.scheduler.release(pool, info, request)
+        waiter.task.cancel()
+        self._settle()
+        assert waiter.task.cancelled()
+
+    @precondition(lambda self: bool(self.holding) and bool(self.waiters))
+    @rule(data=st.data())
+    def release_then_cancel_the_pools_waiters(self, data: st.DataObject) -> None:
+        """Room is released and, in the same tick, every task waiting in that pool is
+        cancelled: whichever the release placed gives its room back, none is lost."""
+        pool, info, request = self.holding.pop(data.draw(st.integers(0, len(self.holding) - 1)))
+        self.scheduler.release(pool, info, request)
+        cancelled = [w for w in self.waiters if w.pool == pool]
+        for waiter in cancelled:
+            waiter.task.cancel()
+        self._settle()
+        assert all(w.task.cancelled() for w in cancelled)
+
+    @rule(node_id=st.sampled_from(("n1", "n2")), alive=st.booleans())
+    def set_node(self, node_id: str, alive: bool) -> None:
+        self.alive[node_id] = alive
+        self.ledger.set_nodes(self._nodes())
+        for pool in POOLS:  # as PoolSet.refresh_nodes does
+            self.scheduler.wake(pool)
+        self._settle()
+
+    @rule()
+    def capacity_returns(self) -> None:
+        """Every node back, then every task done as soon as it is placed: each waiter must
+        be served, one release after another."""
+        self.alive = dict.fromkeys(self.alive, True)
+        self.ledger.set_nodes(self._nodes())
+        for pool in POOLS:
+            self.scheduler.wake(pool)
+        self._settle()
+        rounds = len(self.waiters) + 1
+        for _ in range(rounds):
+            if not self.waiters and not self.holding:
+                break
+            while self.holding:
+                pool, info, request = self.holding.pop()
+                self.scheduler.release(pool, info, request)
+            self._settle()
+        assert self.waiters == [], f"{len(self.waiters)} waiters never served"
+        for pool in POOLS:
+            assert self.scheduler.waiting(pool) == 0
+
+    # -- invariants --------------------------------------------------------------------------
+    @invariant()
+    def never_over_committed(self) -> None:
+        for key, load in self.ledger.actors.items():
+            assert 0 <= load.running <= load.info.max_concurrency
+            assert load.used.fits_in(load.info.shape), f"{key} uses {load.used}"
+            mine = [request for _, info, request in self.holding if info.key == key]
+            assert load.running == len(mine)
+            assert close(load.used, sum(mine, ZERO))
+
+    @invariant()
+    def no_task_waits_while_there_is_room(self) -> None:
+        for waiter in self.waiters:
+            room = [
+                load.info.key
+                for load in self.ledger.actors.values()
+                if load.info.pool == waiter.pool
+                and self.alive.get(load.info.node_id, False)
+                and load.has_room_for(waiter.request)
+            ]
+            assert not room, f"{waiter.request} waits in {waiter.pool} with room on {room}"
+
+    @invariant()
+    def no_task_is_passed_by_one_asking_at_least_as_much(self) -> None:
+        for placed in self.placed_now:
+            for waiting in self.waiters:
+                if waiting.pool == placed.pool and waiting.ahead_of(placed):
+                    assert not waiting.request.fits_in(placed.request), (
+                        f"{placed.request} (priority {placed.priority}) placed before "
+                        f"{waiting.request} (priority {waiting.priority}), ahead of it"
+                    )
+
+    @invariant()
+    def waiting_counts_are_exact(self) -> None:
+        for pool in POOLS:
+            assert self.scheduler.waiting(pool) == sum(w.pool == pool for w in self.waiters)
+        for tag in TAGS:
+            assert self.scheduler.waiting_by_tag(tag) == sum(w.tag == tag for w in self.waiters)
+
+    def teardown(self) -> None:
+        try:
+            self.capacity_returns()
+        finally:
+            for waiter in self.waiters:
+                waiter.task.cancel()
+            self.loop.run_until_complete(asyncio.sleep(0))
+            self.loop.close()
+
+
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=30, deadline=None
+)
+TestSchedulerMachine = SchedulerMachine.TestCase
