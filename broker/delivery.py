@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.settlement import Settlement
-from schemas.topology import PROGRESS_HEADER
+from schemas.topology import DELIVERY_COUNT_HEADER, PROGRESS_HEADER
 
 __all__ = ["LEASE_HEADER", "Delivery", "Settlement"]
 
@@ -38,6 +38,9 @@ class Delivery:
     # 0 for a task as the producer sent it; n for the n-th renewal copy Swarm itself made
     # (set by the processor once the header's seal verified: broker/leases.py).
     lease: int = 0
+    # Deliveries of the task before this renewal copy was made, carried in its sealed lease
+    # header (RabbitMQ counts a copy's deliveries from 0: it is a new message).
+    carried_deliveries: int = 0
 
     @property
     def wants_progress(self) -> bool:
@@ -48,6 +51,22 @@ class Delivery:
             value = value.decode(errors="replace")
         wanted = value is True or value == 1 or str(value).lower() in ("1", "true")
         return wanted and self.reply_to is not None
+
+    @property
+    def earlier_deliveries(self) -> int:
+        """How often the task was delivered before without reaching an outcome: the quorum
+        queue's `x-delivery-count` (deliveries returned, requeued, or lost with their
+        channel), plus those a renewal copy carries. RabbitMQ's count is read only when it
+        marks the delivery redelivered, when the queue wrote the value over any the producer
+        set: 0 on a first delivery, whatever its headers say. A redelivery without a readable
+        count (a classic queue) counts 1."""
+        if not self.redelivered:
+            return self.carried_deliveries
+        headers = self.properties.get("headers") or {}
+        value = headers.get(DELIVERY_COUNT_HEADER)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            value = 1
+        return self.carried_deliveries + value
 
     @property
     def content_type(self) -> str | None:

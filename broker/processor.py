@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from broker import tracing
+from broker import lease_keeper, tracing
 from broker.active import ActiveTask, ActiveTasks
 from broker.delivery import LEASE_HEADER, Delivery, Settlement
 from broker.errors import DeadlinePassed, Rejection
@@ -52,6 +52,7 @@ class TaskProcessor:
         self._pools = pools
         self._store = store
         self._rules = PlacementRules(settings)
+        self._max_reply_bytes = settings.max_reply_mb * 1024 * 1024
         self.active = ActiveTasks()
         self._settling: set[asyncio.Future[None]] = set()
         self.leases = LeaseSeal(
@@ -65,7 +66,8 @@ class TaskProcessor:
     async def process(self, delivery: Delivery) -> Outcome:
         headers = delivery.properties.get("headers")
         if headers and LEASE_HEADER in headers:
-            delivery = dataclasses.replace(delivery, lease=self.leases.verified_lease(delivery))
+            lease, carried = self.leases.verified(delivery)
+            delivery = dataclasses.replace(delivery, lease=lease, carried_deliveries=carried)
         trace = (
             tracing.parse(headers.get(TRACEPARENT_HEADER), headers.get(TRACESTATE_HEADER))
             if headers
@@ -136,7 +138,12 @@ class TaskProcessor:
 
         async def settle() -> None:
             for copy in copies:
-                await (copy.ack() if stored else copy.requeue())
+                try:
+                    await (copy.ack() if stored else copy.requeue())
+                except Exception as exc:  # one copy's failure leaves the others to settle
+                    log.error(
+                        "copy_settle_failed", task_id=task_id, error=f"{type(exc).__name__}: {exc}"
+                    )
 
         task = asyncio.ensure_future(settle())
         self._settling.add(task)
@@ -181,6 +188,27 @@ class TaskProcessor:
     async def _admitted(self, delivery: Delivery, task: TaskMessage, active: ActiveTask) -> Outcome:
         if is_expired(task):
             return self._expired(task, 0, _ms_since(delivery))
+        earlier = delivery.earlier_deliveries
+        if earlier >= self._settings.max_deliveries:
+            # Delivered this often without reaching an outcome (its runs, or the publishing
+            # of their outcome, never completed: a daemon killed by it, a reply RabbitMQ
+            # refuses): answered and dead-lettered, not run again and again.
+            log.warning(
+                "redelivery_limit_reached",
+                task_id=task.id,
+                deliveries=earlier + 1,
+                max_deliveries=self._settings.max_deliveries,
+            )
+            return rejected(
+                Rejection(
+                    "redelivery_limit",
+                    f"delivered {earlier + 1} times without reaching an outcome "
+                    f"(SWARM_MAX_DELIVERIES is {self._settings.max_deliveries}); not run again",
+                    task.id,
+                ),
+                task.type,
+                queued_ms=_ms_since(delivery),
+            )
         placement = self._rules.place(task, self._pools.running, self._scheduler.ledger)
         if isinstance(placement, Rejection):
             return rejected(placement, task.type, task.id)
@@ -219,70 +247,17 @@ class TaskProcessor:
                 keeping.cancel()
 
     def _start_keeper(self, delivery: Delivery, active: ActiveTask) -> "asyncio.Task[None]":
-        keeper = asyncio.create_task(self._keep_lease(delivery, active))
-        task_id = active.task_id
-
-        def observe(done: "asyncio.Task[None]") -> None:
-            # The keeper catches what a renewal raises and goes on; should it end anyway, the
-            # task would outstay RabbitMQ's consumer timeout without a word: say so.
-            if not done.cancelled() and done.exception() is not None:
-                error = done.exception()
-                log.error(
-                    "lease_keeper_stopped",
-                    task_id=task_id,
-                    error=f"{type(error).__name__}: {error}",
-                )
-
-        keeper.add_done_callback(observe)
-        return keeper
+        return lease_keeper.start(self._keep_lease(delivery, active), active.task_id)
 
     async def _keep_lease(self, delivery: Delivery, active: ActiveTask) -> None:
-        """Keep a long task clear of RabbitMQ's consumer timeout (30 min by default), past
-        which RabbitMQ would close the channel and redeliver everything on it.
-
-        Every `lease_renew_s`, a copy of the task message goes back on its queue (confirmed),
-        and only then is the delivery we hold acknowledged. The copy waits in the queue, or
-        here as a duplicate, until the next renewal or the outcome; if this daemon dies, the
-        copy is the task's message for the next one. At no instant is the task only in memory.
-
-        Nothing a renewal raises ends the keeper: it is logged (`lease_renewal_failed`) and
-        the renewal tried again `lease_renew_s` later.
-        """
-        original = delivery.settle_token  # the delivery being run: acked at the first renewal
-        held: list[Settlement] = []  # copies held since the renewal before: acked at this one
-        lease = delivery.lease
-        while True:
-            try:
-                await self.renew(delivery, self.leases.header_value(delivery, lease + 1))
-            except Exception as exc:
-                # Nothing is acked without its copy queued: the deliveries stay held (and go
-                # back to the queue if RabbitMQ's consumer_timeout closes the channel first).
-                log.error(
-                    "lease_renewal_failed",
-                    lease=lease + 1,
-                    error=f"{type(exc).__name__}: {exc}",
-                    retry_in_s=self._settings.lease_renew_s,
-                )
-            else:
-                lease += 1
-                if original is not None:
-                    settling, original = original, None
-                    await self._settle_renewed(settling.renewed(), lease)
-                # Taken off the list before each ack, which is shared with the task's end
-                # (TaskProcessor.settled): a copy is settled once, even if the task ends here.
-                while held:
-                    await self._settle_renewed(held.pop(0).ack(), lease)
-                held = active.renewed_copies = active.copies
-                active.copies = []
-                log.info("lease renewed", lease=lease)
-            await asyncio.sleep(self._settings.lease_renew_s)
-
-    @staticmethod
-    async def _settle_renewed(settling: Awaitable[None], lease: int) -> None:
-        try:
-            await settling
-        except Exception as exc:
-            log.error("lease_settle_failed", lease=lease, error=f"{type(exc).__name__}: {exc}")
+        # Through a lambda: the daemon sets `renew` once the ingress exists, after this.
+        await lease_keeper.keep_lease(
+            delivery,
+            active,
+            lambda copy_of, value: self.renew(copy_of, value),
+            self.leases,
+            self._settings.lease_renew_s,
+        )
 
     async def _run(
         self,
@@ -368,10 +343,28 @@ class TaskProcessor:
             ran_ms += result.run_ms
             queued_ms = max(0.0, _ms_since(delivery) - ran_ms)
             if result.ok:
-                return succeeded(
+                outcome = succeeded(
                     task.id,
                     task.type,
                     result.payload,
+                    attempts=active.attempts,
+                    pool=pool,
+                    node=actor.node_id,
+                    queued_ms=queued_ms,
+                    run_ms=result.run_ms,
+                )
+                if len(outcome.reply_body) <= self._max_reply_bytes:
+                    return outcome
+                # RabbitMQ closes the channel on a message over its max_message_size: such a
+                # reply would cost the connection at every try and never be delivered.
+                return rejected(
+                    Rejection(
+                        "too_large",
+                        f"the result's reply is {len(outcome.reply_body)} bytes, more than "
+                        f"SWARM_MAX_REPLY_MB ({self._settings.max_reply_mb} MiB) allows",
+                        task.id,
+                    ),
+                    task.type,
                     attempts=active.attempts,
                     pool=pool,
                     node=actor.node_id,

@@ -155,6 +155,21 @@ class Settings(BaseSettings):
         description="largest reply the outcome store remembers (at most outcome_memory_mb); "
         "a larger one is answered but not remembered: a duplicate of its id runs again",
     )
+    max_deliveries: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="deliveries of one task message without an outcome (RabbitMQ's "
+        "x-delivery-count on the quorum task queues) before it is answered redelivery_limit "
+        "and dead-lettered instead of run again",
+    )
+    max_reply_mb: int = Field(
+        default=128,
+        gt=0,
+        le=512,
+        description="largest reply sent; a larger result is answered too_large (RabbitMQ "
+        "closes the channel on a message over its max_message_size: keep this at or under it)",
+    )
     lease_renew_s: float = Field(
         default=600.0,
         gt=0,

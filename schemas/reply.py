@@ -20,6 +20,7 @@ ErrorCode: TypeAlias = Literal[
     "handler_error",
     "worker_lost",
     "cancelled",
+    "redelivery_limit",
 ]
 
 

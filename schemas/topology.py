@@ -27,6 +27,10 @@ TRUNCATED_HEADER: Final = "x-swarm-headers-truncated"
 # true, 1, "1", "true"). Opt-in, so a producer written from the contract alone, which takes
 # the first message with its correlation_id as the reply, never sees one.
 PROGRESS_HEADER: Final = "x-swarm-progress"
+# Set by RabbitMQ on a redelivery from a quorum queue: how often the message was delivered
+# before. Swarm reads it only on a delivery RabbitMQ marks redelivered, whose value RabbitMQ
+# wrote; on a first delivery the header is whatever the producer put there.
+DELIVERY_COUNT_HEADER: Final = "x-delivery-count"
 # The original `user_id` property moves here: RabbitMQ refuses a publish whose user_id is not
 # the publishing connection's own user, so the property itself cannot be kept.
 ORIGINAL_USER_HEADER: Final = "x-swarm-original-user-id"
