@@ -3,9 +3,11 @@ and AmqpSettlement), draining at shutdown, and consumers paused across a reconne
 Ingress, AmqpSession and Publisher on RabbitMQ in memory (tests/unit/fakes), no Ray."""
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
-from fakes.amqp import MemoryBroker, Message, nack
+from fakes.server import MemoryBroker, Message, nack
 from fakes.swarm import MemorySwarm, quick_settings, task_body
 
 from broker.delivery import Delivery
@@ -18,8 +20,24 @@ QUEUE = task_queue("data_processing")
 
 
 @pytest.fixture
-async def swarm(monkeypatch: pytest.MonkeyPatch) -> MemorySwarm:
-    started = MemorySwarm(monkeypatch)
+async def make_swarm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[Callable[..., MemorySwarm]]:
+    """MemorySwarms for one test, each closed at its end (see MemorySwarm.close)."""
+    made: list[MemorySwarm] = []
+
+    def make(**options: Any) -> MemorySwarm:
+        made.append(MemorySwarm(monkeypatch, **options))
+        return made[-1]
+
+    yield make
+    for swarm in made:
+        await swarm.close()
+
+
+@pytest.fixture
+async def swarm(make_swarm: Callable[..., MemorySwarm]) -> MemorySwarm:
+    started = make_swarm()
     await started.start()
     return started
 
@@ -41,7 +59,6 @@ async def test_a_delivery_whose_processing_raises_goes_back_to_its_queue_unanswe
     assert message.redelivered
     assert swarm.replies() == [] and swarm.dead_letters() == [] and swarm.broker.stream == []
     assert swarm.outcomes == []  # nothing settled: nothing to release
-    await swarm.stop()
 
 
 async def test_an_outcome_whose_record_is_refused_is_requeued_and_run_again(
@@ -64,7 +81,6 @@ async def test_an_outcome_whose_record_is_refused_is_requeued_and_run_again(
     assert [r["result"] for r in swarm.replies()] == ["first", "second"]
     stored = swarm.store.get("t")
     assert stored is not None and stored.status == "ok"
-    await swarm.stop()
 
 
 @pytest.mark.parametrize("settle", ["ack", "requeue"])
@@ -148,9 +164,9 @@ async def reconnected(swarm: MemorySwarm) -> None:
 
 
 async def test_a_consumer_paused_for_waiting_tasks_stays_paused_across_a_reconnect(
-    monkeypatch: pytest.MonkeyPatch,
+    make_swarm: Callable[..., MemorySwarm],
 ) -> None:
-    swarm = MemorySwarm(monkeypatch, settings=quick_settings(max_waiting_per_queue=4))
+    swarm = make_swarm(settings=quick_settings(max_waiting_per_queue=4))
     await swarm.start()
     swarm.ingress.on_waiting(QUEUE, 4)  # the scheduler: four of its tasks wait for room
     await swarm.ingress.consumers_settled()
@@ -170,13 +186,12 @@ async def test_a_consumer_paused_for_waiting_tasks_stays_paused_across_a_reconne
     (await swarm.pools.next_call()).succeed()
     await swarm.settled(message)
     assert message.acked and consumed_on(swarm.broker, QUEUE, 2)
-    await swarm.stop()
 
 
 async def test_held_bytes_keep_consumers_paused_across_a_reconnect_and_the_task_is_answered_once(
-    monkeypatch: pytest.MonkeyPatch,
+    make_swarm: Callable[..., MemorySwarm],
 ) -> None:
-    swarm = MemorySwarm(monkeypatch, max_held_bytes=200)
+    swarm = make_swarm(max_held_bytes=200)
     await swarm.start()
     message = swarm.send(task_body("t", args={"pad": "x" * 200}))
     call = await swarm.pools.next_call()
@@ -196,4 +211,3 @@ async def test_held_bytes_keep_consumers_paused_across_a_reconnect_and_the_task_
     assert [r["result"] for r in swarm.replies()] == ["once"]
     await swarm.ingress.consumers_settled()
     assert all(consumed_on(swarm.broker, task_queue(t), 2) for t in TASK_TYPES)
-    await swarm.stop()

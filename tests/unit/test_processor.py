@@ -7,7 +7,7 @@ import asyncio
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -34,14 +34,30 @@ OUTCOME_TIMEOUT_S = 5.0
 
 
 @pytest.fixture
-def swarm(monkeypatch: pytest.MonkeyPatch) -> MemorySwarm:
+async def make_swarm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[Callable[..., MemorySwarm]]:
+    """MemorySwarms for one test, each closed at its end (see MemorySwarm.close)."""
+    made: list[MemorySwarm] = []
+
+    def make(**options: Any) -> MemorySwarm:
+        made.append(MemorySwarm(monkeypatch, **options))
+        return made[-1]
+
+    yield make
+    for swarm in made:
+        await swarm.close()
+
+
+@pytest.fixture
+def swarm(make_swarm: Callable[..., MemorySwarm]) -> MemorySwarm:
     """The processor and its fakes; the ingress is not started (these tests hand the
     processor its deliveries themselves)."""
-    return MemorySwarm(monkeypatch)
+    return make_swarm()
 
 
 def start(swarm: MemorySwarm, task: Delivery) -> "asyncio.Task[Outcome]":
-    return asyncio.create_task(swarm.processor.process(task))
+    return swarm.process(task)
 
 
 async def outcome_of(processing: "asyncio.Task[Outcome]") -> Outcome:
@@ -86,11 +102,11 @@ async def test_a_deadline_passing_during_the_backoff_answers_expired_without_ano
 
 @pytest.mark.parametrize("backoff", ["handler_delay", "lost_worker_backoff"])
 async def test_a_cancel_during_the_backoff_answers_cancelled_and_never_runs_again(
-    monkeypatch: pytest.MonkeyPatch, backoff: str
+    make_swarm: Callable[..., MemorySwarm], monkeypatch: pytest.MonkeyPatch, backoff: str
 ) -> None:
     # Exponential backoff's full jitter drawn at its top: an hour, never over before the cancel.
     monkeypatch.setattr(broker.processor, "random", SimpleNamespace(uniform=lambda a, b: b))
-    swarm = MemorySwarm(monkeypatch, settings=quick_settings(retry_backoff_s=3600.0))
+    swarm = make_swarm(settings=quick_settings(retry_backoff_s=3600.0))
     processing = start(swarm, delivery(task_body("t")))
     first = await swarm.pools.next_call()
     if backoff == "handler_delay":
@@ -111,9 +127,9 @@ async def test_a_cancel_during_the_backoff_answers_cancelled_and_never_runs_agai
 
 
 async def test_a_cancel_while_the_outcome_is_published_finds_it_finishing_and_changes_nothing(
-    monkeypatch: pytest.MonkeyPatch,
+    make_swarm: Callable[..., MemorySwarm],
 ) -> None:
-    swarm = MemorySwarm(monkeypatch)
+    swarm = make_swarm()
     await swarm.start()
     held = swarm.broker.hold(routing_key="replies")
     message = swarm.send(task_body("t"))
@@ -126,16 +142,15 @@ async def test_a_cancel_while_the_outcome_is_published_finds_it_finishing_and_ch
     assert message.acked
     assert [r["status"] for r in swarm.replies()] == ["ok"]
     assert await swarm.control.cancel("t") == {"id": "t", "state": "finished", "status": "ok"}
-    await swarm.stop()
 
 
 # == Leases =====================================================================================
 
 
 async def test_a_failed_lease_renewal_keeps_the_delivery_held_and_is_tried_again(
-    monkeypatch: pytest.MonkeyPatch,
+    make_swarm: Callable[..., MemorySwarm],
 ) -> None:
-    swarm = MemorySwarm(monkeypatch, settings=quick_settings(lease_renew_s=0.005))
+    swarm = make_swarm(settings=quick_settings(lease_renew_s=0.005))
     settlement = RecordingSettlement(swarm.changes)
     renewals: list[tuple[str, list[str]]] = []  # (lease number, the delivery's settlement then)
 
@@ -159,11 +174,11 @@ async def test_a_failed_lease_renewal_keeps_the_delivery_held_and_is_tried_again
 
 
 async def test_renewal_copies_are_held_while_the_task_runs_and_acked_with_its_outcome(
-    monkeypatch: pytest.MonkeyPatch,
+    make_swarm: Callable[..., MemorySwarm],
 ) -> None:
     """The whole lease path in memory: the copy republished (sealed), consumed back, its seal
     verified, held by the running task, settled at the next renewal or with the outcome."""
-    swarm = MemorySwarm(monkeypatch, settings=quick_settings(lease_renew_s=0.01))
+    swarm = make_swarm(settings=quick_settings(lease_renew_s=0.01))
     await swarm.start()
     message = swarm.send(task_body("t"))
     call = await swarm.pools.next_call()
@@ -176,7 +191,6 @@ async def test_renewal_copies_are_held_while_the_task_runs_and_acked_with_its_ou
     assert all("requeued" not in m.history for m in queue.delivered)
     assert len(swarm.pools.calls) == 1
     assert [r["result"] for r in swarm.replies()] == ["done"]
-    await swarm.stop()
 
 
 # == Progress across retries ====================================================================
@@ -230,9 +244,9 @@ async def test_progress_is_not_streamed_unless_the_producer_asked(swarm: MemoryS
     ("max_retries", "attempts"), [(0, 1), (1, 2), (None, 3)], ids=["none", "one", "default"]
 )
 async def test_a_worker_lost_on_every_attempt_gives_up_with_worker_lost(
-    monkeypatch: pytest.MonkeyPatch, max_retries: int | None, attempts: int
+    make_swarm: Callable[..., MemorySwarm], max_retries: int | None, attempts: int
 ) -> None:
-    swarm = MemorySwarm(monkeypatch, settings=quick_settings(default_max_retries=2))
+    swarm = make_swarm(settings=quick_settings(default_max_retries=2))
     fields: dict[str, Any] = {} if max_retries is None else {"max_retries": max_retries}
     processing = start(swarm, delivery(task_body("t", **fields)))
     calls = []
@@ -393,9 +407,9 @@ async def test_a_duplicate_is_answered_from_the_outcome_store_without_running(
 
 
 async def test_a_duplicate_arriving_while_its_original_runs_waits_for_its_reply(
-    monkeypatch: pytest.MonkeyPatch,
+    make_swarm: Callable[..., MemorySwarm],
 ) -> None:
-    swarm = MemorySwarm(monkeypatch)
+    swarm = make_swarm()
     entered: list[Delivery] = []
 
     async def process(task: Delivery) -> Outcome:
@@ -419,7 +433,6 @@ async def test_a_duplicate_arriving_while_its_original_runs_waits_for_its_reply(
     assert [r["result"] for r in replies] == ["once", "once"]
     assert replies[0] == replies[1]
     assert len(swarm.broker.stream) == 1  # recorded once
-    await swarm.stop()
 
 
 REFUSED_BODIES = [
@@ -450,9 +463,9 @@ async def test_a_refused_body_is_neither_answered_from_nor_written_to_the_store(
 
 
 async def test_a_refused_body_is_not_recorded_so_a_corrected_body_of_its_id_runs(
-    monkeypatch: pytest.MonkeyPatch,
+    make_swarm: Callable[..., MemorySwarm],
 ) -> None:
-    swarm = MemorySwarm(monkeypatch)
+    swarm = make_swarm()
     await swarm.start()
     refused = swarm.send(task_body("t", handler="nobody"))
     await swarm.settled(refused)
@@ -468,4 +481,3 @@ async def test_a_refused_body_is_not_recorded_so_a_corrected_body_of_its_id_runs
     await swarm.settled(corrected)
     assert swarm.replies()[-1]["result"] == "ran"
     assert len(swarm.broker.stream) == 1
-    await swarm.stop()

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Iterable
 
 import aiormq
 import pytest
-from fakes.amqp import MemoryBroker, Published, failing, nack
+from fakes.server import MemoryBroker, Published, failing, nack
 from fakes.swarm import REPLY_QUEUE, delivery, task_body
 
 import broker.outcome_publishing

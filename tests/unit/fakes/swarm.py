@@ -11,6 +11,7 @@ Three levels, smallest first:
   a MemoryBroker and FakePools: what runs in the daemon between RabbitMQ and Ray.
 """
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -35,8 +36,8 @@ from workers.cluster import NodeInfo
 from workers.registry import HandlerRegistry, load_handlers
 from workers.resources import ResourceVector
 
-from .amqp import MemoryBroker, Message, Published
 from .pools import ASYNC, HANDLERS, FakePools
+from .server import MemoryBroker, Message, Published
 from .sync import Changes
 
 REPLY_QUEUE = "replies"
@@ -229,6 +230,8 @@ class MemorySwarm:
         self.scheduler.on_tag_waiting = self.ingress.on_waiting
         self.processor.renew = self.ingress.renew
         self.processor.publish_progress = self.ingress.publish_progress
+        self._started = False
+        self._processing: list[asyncio.Task[Outcome]] = []
 
     async def _no_depths(self) -> dict[str, int]:
         return {}
@@ -243,13 +246,34 @@ class MemorySwarm:
 
     async def start(self) -> None:
         await self.ingress.start()
+        self._started = True
 
     async def stop(self, drain_timeout_s: float = 1.0) -> int:
         """As Daemon.stop: stop consuming, drain, close. Returns how many were requeued."""
+        self._started = False
         await self.ingress.stop_consuming()
         requeued = await self.ingress.drain(drain_timeout_s)
         await self.ingress.close()
         return requeued
+
+    def process(self, delivery: Delivery) -> "asyncio.Task[Outcome]":
+        """TaskProcessor.process on `delivery`, in a task of its own (no ingress)."""
+        task = asyncio.create_task(self.processor.process(delivery))
+        self._processing.append(task)
+        return task
+
+    async def close(self) -> None:
+        """The end of a test, passed or failed: runs left unanswered and processing still
+        going are cancelled, and the ingress is stopped if it still runs, so nothing is left
+        behind on the event loop the tests share."""
+        for call in self.pools.calls:
+            if not call.answer.done():
+                call.answer.cancel()
+        for task in self._processing:
+            task.cancel()
+        await asyncio.gather(*self._processing, return_exceptions=True)
+        if self._started:
+            await self.stop(drain_timeout_s=0.0)
 
     # -- the producer's side -----------------------------------------------------------------
     def send(
