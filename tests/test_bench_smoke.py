@@ -3,14 +3,13 @@ JSON with a positive throughput for every system. Never a claim about speed."""
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import urllib.parse
 from pathlib import Path
 
-import pytest
+from conftest import missing_requirement, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -28,8 +27,9 @@ def _reachable(url: str) -> bool:
 
 def test_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
     url = os.environ.get("AMQP_URL") or LOCAL_URL
-    if shutil.which("rabbitmqctl") is None or not _reachable(url):
-        pytest.skip("the bench needs a reachable RabbitMQ and rabbitmqctl for its vhosts")
+    require_tool("rabbitmqctl", why="the bench makes its vhosts with it")
+    if not _reachable(url):
+        missing_requirement(f"the bench needs a RabbitMQ that answers at {url.split('@')[-1]}")
     out = tmp_path / "latest.json"
     done = subprocess.run(
         [

@@ -5,20 +5,36 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import have_tool, missing_requirement
 
 from broker.settings import Settings
 
 ROOT = Path(__file__).parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-COMPOSE = shutil.which("docker-compose")
 
-pytestmark = pytest.mark.skipif(COMPOSE is None, reason="docker-compose is not installed")
+
+def _compose_command() -> list[str] | None:
+    """docker-compose, else Docker's compose plugin (`docker compose`), else None."""
+    if have_tool("docker-compose"):
+        return ["docker-compose"]
+    if have_tool("docker compose"):
+        return ["docker", "compose"]
+    return None
+
+
+COMPOSE = _compose_command()
+
+
+@pytest.fixture(autouse=True)
+def _compose_installed() -> None:
+    if COMPOSE is None:
+        missing_requirement("neither docker-compose nor Docker's compose plugin is on PATH")
+
 
 DAEMON = "swarm"
 RAY_NODES = ("ray-head", "ray-cpu-worker", "ray-memory-worker", "ray-gpu-worker")
@@ -44,7 +60,7 @@ def _load_yaml(text: str) -> Config:
             ["/usr/bin/python3", "-c", to_json], input=text, capture_output=True, text=True
         )
         if done.returncode != 0:
-            pytest.skip(f"no YAML parser: {done.stderr.strip()}")
+            missing_requirement(f"no YAML parser: {done.stderr.strip()}")
         loaded: Config = json.loads(done.stdout)
         return loaded
     loaded = yaml.safe_load(text)
@@ -59,7 +75,7 @@ def _config(env_file: Path, *, profile: str | None = None, **env: str) -> Config
     """`docker-compose config` with the file's defaults: the variables it reads are cleared
     from the environment and an empty env file stands in for a developer's `.env`."""
     assert COMPOSE is not None
-    argv = [COMPOSE, "--env-file", str(env_file), "-f", str(COMPOSE_FILE)]
+    argv = [*COMPOSE, "--env-file", str(env_file), "-f", str(COMPOSE_FILE)]
     if profile is not None:
         argv += ["--profile", profile]
     base = {k: v for k, v in os.environ.items() if k not in _variables()}

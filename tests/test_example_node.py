@@ -4,7 +4,6 @@ another language, with amqplib and @msgpack/msgpack."""
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,7 @@ EXTRA_TASKS = 20
 PRODUCER_TIMEOUT_S = 120.0
 NPM_TIMEOUT_S = 240.0
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("node") is None or shutil.which("npm") is None,
-    reason="the Node example needs node and npm on PATH",
-)
+pytestmark = pytest.mark.requires_tool("node", "npm", why="the Node.js producer example")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import msgpack
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelAccessRefused
-from conftest import DaemonFactory
+from conftest import DaemonFactory, missing_requirement
 from netproxy import local_target
 from rabbit import RabbitServer
 from raw import RawProducer, task
@@ -61,7 +61,7 @@ def tls_material(tmp_path: Path) -> TlsMaterial:
 async def tls_proxy(tls_material: TlsMaterial, amqp_url: str) -> AsyncIterator[TlsProxy]:
     target = local_target(amqp_url)
     if target is None:
-        pytest.skip("the TLS proxy needs RabbitMQ on 127.0.0.1")
+        missing_requirement("the TLS proxy needs RabbitMQ on 127.0.0.1")
     async with TlsProxy(tls_material, *target) as proxy:
         yield proxy
 
@@ -142,7 +142,7 @@ def daemon_user_url(rabbit: RabbitServer, amqp_url: str) -> Iterator[str]:
     """A user with a random password and only DAEMON_PERMISSIONS on this test's vhost;
     deleted afterwards. Yields its URL."""
     if not rabbit.can_make_vhosts:
-        pytest.skip("needs rabbitmqctl to create a user")
+        missing_requirement("needs rabbitmqctl to create a user")
     user = f"swarm-daemon-{uuid.uuid4().hex[:12]}"
     password = secrets.token_hex(24)  # hex: a password starting with "-" reads as an option
     rabbit.rabbitmqctl("add_user", user, password)

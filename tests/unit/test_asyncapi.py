@@ -410,7 +410,7 @@ def test_task_send_is_persistent_and_replied(document: dict[str, Any]) -> None:
 # The official AsyncAPI JSON Schema (npm @asyncapi/specs, locked in tests/asyncapi/)
 
 
-@pytest.mark.skipif(shutil.which("npm") is None, reason="the official schema comes from npm")
+@pytest.mark.requires_tool("npm", why="the official schema comes from npm")
 def test_document_validates_against_the_official_schema(
     document: dict[str, Any], tmp_path: Path
 ) -> None:
