@@ -221,7 +221,7 @@ async def test_sigterm_mid_batch(amqp_url: str, ray_address: str, producer: RawP
 # The daemon's RSS may grow by this much while a backlog builds in RabbitMQ: a prefetch window
 # of small bodies, allocator noise, Ray's own buffers (1-4 MB measured). A task taken into the
 # daemon costs it about 11 KB (measured: 1,672 taken in, +19 MB), so this is some 3,000 tasks
-# held: a tenth of the backlog at full size (CHAOS_TASKS x 50: 10,000 in CI, 100,000 full).
+# held, of a backlog of CHAOS_TASKS x 50 (10,000 in CI, 100,000 at full size).
 BACKLOG_RSS_BUDGET_MB = 32
 
 
