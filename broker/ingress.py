@@ -4,6 +4,7 @@ the outcome, and only then acknowledge. The one place that decides ack and reque
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,8 @@ SESSION_CLOSE_S = 5.0
 # Bodies settled since the last trim before an idle daemon trims its heaps again: a trim
 # walks every arena, so a trickle of small tasks must not cause one each time it goes idle.
 TRIM_AFTER_RELEASED_BYTES = 1024 * 1024
+# Progress messages of one task waiting behind the one being sent; past it the oldest goes.
+PROGRESS_WAITING = 16
 
 Processor = Callable[[Delivery], Awaitable[Outcome]]
 
@@ -125,9 +128,10 @@ class Ingress:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._consumers: dict[str, _Consumer] = {}
         self._session: AmqpSession | None = None
-        self._progress_sends: set[asyncio.Task[None]] = set()
-        # Per task whose progress is being sent (by its delivery): the report waiting to go.
-        self._progress_waiting: dict[int, list[bytes]] = {}
+        # Per task whose progress is being sent (by _progress_key): its sender, and the
+        # reports waiting behind the one being sent.
+        self._progress_sends: dict[int, asyncio.Task[None]] = {}
+        self._progress_waiting: dict[int, deque[bytes]] = {}
         self.progress_superseded = 0
         self._ready = asyncio.Event()
         # Refused, cut down, stripped and abandoned publishes, across sessions (metrics).
@@ -331,6 +335,7 @@ class Ingress:
                     outcome.task_id, outcome.status, outcome.reply_body
                 )
             if outcome.reply:
+                await self._progress_sent(delivery)
                 await self._publish(delivery, outcome, record)
             if record is not None:
                 self._store.apply(record)
@@ -364,32 +369,31 @@ class Ingress:
 
     def publish_progress(self, delivery: Delivery, body: bytes) -> None:
         """Send a progress message in the background; one lost with a connection is not
-        sent again (the final reply is what is guaranteed).
+        sent again (the final reply is what is guaranteed, and goes after them).
 
-        Per task, one message is in flight and one waits: a report that arrives while one
-        waits replaces it (counted in `progress_superseded`), so a handler reporting faster
-        than RabbitMQ confirms costs one send task and two bodies, not one of each per
-        report. The `seq` of the messages sent shows the gap."""
+        Per task, one message is in flight and at most PROGRESS_WAITING wait, in order; past
+        that the oldest waiting one is dropped (counted in `progress_superseded`), so a
+        handler reporting faster than they leave costs one send task and a bounded number of
+        bodies, not one of each per report. The `seq` of the messages sent shows the gap."""
         session = self._session
         if session is None or session.lost.is_set():
             return
-        key = id(delivery)  # the delivery is referenced by its sender while the key is used
+        key = _progress_key(delivery)
         waiting = self._progress_waiting.get(key)
         if waiting is not None:
-            if waiting:
+            if len(waiting) >= PROGRESS_WAITING:
+                waiting.popleft()
                 self.progress_superseded += 1
-            waiting[:] = [body]
+            waiting.append(body)
             return
-        self._progress_waiting[key] = [body]
-        task = asyncio.ensure_future(self._send_progress(key, delivery))
-        self._progress_sends.add(task)
-        task.add_done_callback(self._progress_sends.discard)
+        self._progress_waiting[key] = deque([body])
+        self._progress_sends[key] = asyncio.ensure_future(self._send_progress(key, delivery))
 
     async def _send_progress(self, key: int, delivery: Delivery) -> None:
         waiting = self._progress_waiting[key]
         try:
             while waiting:
-                body = waiting.pop()
+                body = waiting.popleft()
                 session = self._session
                 if session is None or session.lost.is_set():
                     return
@@ -399,6 +403,13 @@ class Ingress:
                     log.debug("progress message not sent", error=str(exc))
         finally:
             del self._progress_waiting[key]
+            del self._progress_sends[key]
+
+    async def _progress_sent(self, delivery: Delivery) -> None:
+        """Until the task's progress messages are out: its reply goes after them."""
+        sender = self._progress_sends.get(_progress_key(delivery))
+        if sender is not None:
+            await asyncio.wait({sender})
 
     async def renew(self, delivery: Delivery, lease: str) -> None:
         """Put a renewal copy of a long task's message on its queue (confirmed)."""
@@ -442,6 +453,13 @@ class Ingress:
         await self._store.detach()
         if self._session is not None:
             await self._session.close()
+
+
+def _progress_key(delivery: Delivery) -> int:
+    """One per delivery while it is processed: its settlement (the processor may hand on a
+    copy of the Delivery with its lease read, never another settlement)."""
+    token = delivery.settle_token
+    return id(token) if token is not None else id(delivery)
 
 
 class AmqpSettlement(Settlement):

@@ -1,6 +1,6 @@
 """Progress that a handler reports faster than it can leave is bounded: in the actor (the
 oldest pending reports dropped, counted) and in the ingress (per task one message in flight
-and one waiting, the waiting one replaced by a newer report)."""
+and a few waiting, the oldest of them dropped past that); a short burst loses nothing."""
 
 import asyncio
 import sys
@@ -14,7 +14,8 @@ import pytest
 from processor_harness import delivery as make_delivery
 from processor_harness import make_harness
 
-from broker.ingress import Ingress
+from broker.ingress import PROGRESS_WAITING, Ingress
+from broker.outcome import Outcome, succeeded
 from broker.outcomes import OutcomeStore
 from schemas.codec import decode, encode
 from workers.outcome import RunOutcome
@@ -94,14 +95,16 @@ async def test_the_ingress_sends_one_progress_message_at_a_time_per_task() -> No
     assert len(ingress._progress_sends) == 1, "one send task per progress message"
     publisher.go.set()
     while ingress._progress_sends:
-        await asyncio.wait(set(ingress._progress_sends))
-    # The latest report is sent; those before it were replaced while they waited.
-    assert len(publisher.sent) <= 2 and publisher.sent[-1] == (REPORTS - 1).to_bytes(2, "big")
+        await asyncio.wait(set(ingress._progress_sends.values()))
+    # The latest reports are sent, in order; the oldest of those waiting were dropped.
+    numbers = [int.from_bytes(body, "big") for body in publisher.sent]
+    assert len(numbers) <= PROGRESS_WAITING + 1 and numbers == sorted(numbers)
+    assert numbers[-1] == REPORTS - 1
     assert ingress.progress_superseded + len(publisher.sent) == REPORTS
     # A later report of the same task starts a new send.
     ingress.publish_progress(running, b"again")
     while ingress._progress_sends:
-        await asyncio.wait(set(ingress._progress_sends))
+        await asyncio.wait(set(ingress._progress_sends.values()))
     assert publisher.sent[-1] == b"again"
 
 
@@ -114,3 +117,55 @@ async def test_seq_counts_the_reports_the_actor_dropped() -> None:
     report(encode(5), 3)  # three reports dropped in the actor before this one
     report(encode(6))
     assert [decode(body)["seq"] for body in sent] == [1, 5, 6]
+
+
+async def test_a_short_burst_of_progress_is_sent_whole_and_in_order() -> None:
+    async def process(_: Any) -> Any:
+        raise AssertionError("nothing is delivered")
+
+    ingress = Ingress(
+        "amqp://unused/", 1, process, process, OutcomeStore(retention_s=60), lambda _: None
+    )
+    publisher = SlowPublisher()
+    publisher.go.set()
+    ingress._session = SimpleNamespace(  # type: ignore[assignment]
+        lost=asyncio.Event(), publisher=publisher
+    )
+    running = make_delivery("p-3")
+    for n in range(5):
+        ingress.publish_progress(running, bytes([n]))
+    while ingress._progress_sends:
+        await asyncio.wait(set(ingress._progress_sends.values()))
+    assert publisher.sent == [bytes([n]) for n in range(5)]
+    assert ingress.progress_superseded == 0
+
+
+async def test_the_reply_goes_after_the_tasks_waiting_progress() -> None:
+    order: list[object] = []
+    publisher = SlowPublisher()
+    publisher.sent = order  # type: ignore[assignment]
+    running = make_delivery("p-4")
+
+    async def process(delivery: Any) -> Outcome:
+        for n in range(3):
+            ingress.publish_progress(delivery, bytes([n]))
+        return succeeded("p-4", "inference", None, attempts=1, pool="cpu", node="n", queued_ms=0,
+                         run_ms=0)  # fmt: skip
+
+    ingress = Ingress(
+        "amqp://unused/", 1, process, process, OutcomeStore(retention_s=60), lambda _: None
+    )
+    ingress._session = SimpleNamespace(  # type: ignore[assignment]
+        lost=asyncio.Event(), publisher=publisher
+    )
+
+    async def publish(*_: object) -> None:
+        order.append("reply")
+
+    ingress._publish = publish  # type: ignore[method-assign]
+    handling = asyncio.create_task(ingress._handle(running, process))
+    await asyncio.sleep(0.01)
+    assert order == [], "the reply left before the progress messages"
+    publisher.go.set()
+    await handling
+    assert order == [bytes([0]), bytes([1]), bytes([2]), "reply"]
