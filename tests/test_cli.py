@@ -57,8 +57,14 @@ async def test_status_json_reports_the_daemons_pools_queues_and_limits(
     assert cpu["free"] == cpu["reserved"]
     assert answer["queues"]["swarm.tasks.inference"] == 0
     assert answer["limits"]["prefetch"] == daemon.settings.prefetch
-    assert [node["alive"] for node in answer["nodes"]] == [True] * len(answer["nodes"])
-    assert sum(node["actors"] for node in answer["nodes"]) == sum(
+    # The Ray of the test session may list nodes that earlier tests took down: they are shown
+    # as dead and hold none of this daemon's actors.
+    alive = [node for node in answer["nodes"] if node["alive"]]
+    assert alive, answer["nodes"]
+    assert [node["actors"] for node in answer["nodes"] if not node["alive"]] == [0] * (
+        len(answer["nodes"]) - len(alive)
+    )
+    assert sum(node["actors"] for node in alive) == sum(
         pool["actors"] for pool in answer["pools"].values()
     )
 
