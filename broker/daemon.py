@@ -114,7 +114,7 @@ class Daemon:
         )
         self.metrics.ready = True
         log.info(
-            "daemon ready",
+            "daemon_ready",
             pools=sorted(self.pools.names),
             handlers=self.registry.names(),
             metrics_port=self.metrics_port,
@@ -139,7 +139,8 @@ class Daemon:
             self._metrics_server = MetricsServer(self.metrics, self.settings.metrics_host, port)
         except OSError as exc:
             # Not fatal: a second daemon on the same host (a standby) must still serve.
-            log.error("metrics endpoint not started", port=port, error=str(exc))
+            log.error("metrics_endpoint_not_started", port=port, error=str(exc))
+            log.debug("metrics_endpoint_not_started_traceback", exc_info=True)
 
     @property
     def metrics_port(self) -> int | None:
@@ -182,7 +183,8 @@ class Daemon:
             try:
                 await self.pools.refresh_nodes()
             except Exception as exc:
-                log.warning("could not read the cluster's nodes", error=str(exc))
+                log.warning("node_refresh_failed", error=str(exc))
+                log.debug("node_refresh_failed_traceback", exc_info=True)
             self.store.sweep()  # outcomes past the retention window leave memory too
 
     async def stop(self) -> None:
@@ -201,7 +203,7 @@ class Daemon:
         if background:
             _, stuck = await asyncio.wait(background, timeout=BACKGROUND_STOP_S)
             if stuck:
-                log.warning("background tasks did not stop in time", tasks=len(stuck))
+                log.warning("background_tasks_not_stopped", tasks=len(stuck))
         if self._ingress is not None:
             await self._ingress.stop_consuming()
             requeued = await self._ingress.drain(self.settings.drain_timeout_s)

@@ -17,7 +17,7 @@ from broker.delivery import Delivery
 from broker.frames import frame_extras
 from broker.held import HeldBytes
 from broker.outcome import Outcome
-from broker.outcome_publishing import OutcomePublishing
+from broker.outcome_publishing import OutcomePublishing, PublishAbandoned
 from broker.outcomes import OutcomeStore
 from broker.publish_stats import PublishStats
 from broker.queue_depths import QueueDepths
@@ -186,16 +186,15 @@ class Ingress:
     async def _trim(self) -> None:
         returned = await asyncio.to_thread(memory.trim)
         log.info(
-            "idle after large deliveries: heaps trimmed",
+            "heaps_trimmed",
             returned=returned,
             released_bytes_total=self.held.released_total,
         )
 
     def _held_limit_changed(self) -> None:
+        # Paused at the held-bytes limit, resumed under half of it.
         log.info(
-            "task consumers paused: held bodies at their limit"
-            if self.held.over
-            else "task consumers resumed: held bodies under half their limit",
+            "task_consumers_paused" if self.held.over else "task_consumers_resumed",
             held_bytes=self.held.held,
             limit_bytes=self.held.limit_bytes,
         )
@@ -215,7 +214,8 @@ class Ingress:
             await self._apply(consumer)
         except Exception as exc:
             # Its channel went with the connection: the next session applies it again.
-            log.warning("could not change a consumer", queue=consumer.queue_name, error=str(exc))
+            log.warning("consumer_change_failed", queue=consumer.queue_name, error=str(exc))
+            log.debug("consumer_change_failed_traceback", exc_info=True)
 
     async def consumers_settled(self) -> None:
         """Wait until every pause and resume asked for so far has been applied."""
@@ -257,21 +257,22 @@ class Ingress:
             if self._stopping:
                 return
             self._ready.clear()
-            log.warning("connection to RabbitMQ lost; reconnecting")
+            log.warning("connection_lost")
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._session.close(), SESSION_CLOSE_S)
             delay_s = RECONNECT_FIRST_S
             while not self._stopping:
                 try:
                     await self._open_session()
-                    log.info("reconnected to RabbitMQ", sessions=self.sessions)
+                    log.info("reconnected", sessions=self.sessions)
                     break
                 except Exception as exc:
                     log.warning(
-                        "reconnect failed",
+                        "reconnect_failed",
                         error=f"{type(exc).__name__}: {exc}".rstrip(": "),
                         retry_in_s=delay_s,
                     )
+                    log.debug("reconnect_failed_traceback", exc_info=True)
                     await asyncio.sleep(delay_s)
                     delay_s = min(RECONNECT_MAX_S, delay_s * 2)
 
@@ -293,7 +294,7 @@ class Ingress:
         else:
             return
         log.info(
-            "consumer paused" if consumer.waiting_paused else "consumer resumed",
+            "consumer_paused" if consumer.waiting_paused else "consumer_resumed",
             queue=queue_name,
             waiting=waiting,
         )
@@ -316,18 +317,29 @@ class Ingress:
                 try:
                     await consumer.queue.cancel(tag)
                 except Exception as exc:
-                    log.warning(
-                        "could not cancel a consumer", queue=consumer.queue_name, error=str(exc)
-                    )
+                    log.warning("consumer_cancel_failed", queue=consumer.queue_name, error=str(exc))
+                    log.debug("consumer_cancel_failed_traceback", exc_info=True)
         async with self.consumers_changed:
             self.consumers_changed.notify_all()
 
     async def _handle(self, delivery: Delivery, process: Processor) -> None:
+        # Every line logged while the delivery is processed and settled carries its queue, and
+        # once its outcome names one, its task id (the processor binds it earlier, around the
+        # run of an admitted task); tasks started meanwhile inherit both.
+        structlog.contextvars.bind_contextvars(queue=delivery.queue)
+        try:
+            await self._process_and_settle(delivery, process)
+        finally:
+            structlog.contextvars.unbind_contextvars("queue", "task_id")
+
+    async def _process_and_settle(self, delivery: Delivery, process: Processor) -> None:
         assert delivery.settle_token is not None
         settlement = delivery.settle_token
         outcome: Outcome | None = None
         try:
             outcome = await process(delivery)
+            if outcome.task_id is not None:
+                structlog.contextvars.bind_contextvars(task_id=outcome.task_id)
             record = None
             if outcome.recorded:
                 assert outcome.task_id is not None
@@ -343,12 +355,13 @@ class Ingress:
             # Shutting down: hand the task back to RabbitMQ for another daemon.
             await settlement.requeue()
             raise
+        except PublishAbandoned:
+            # Logged once where it was given up (`publish_abandoned`): back to the queue.
+            await settlement.requeue()
+            return
         except Exception:
-            log.exception(
-                "could not process or answer a delivery; it goes back to the queue",
-                queue=delivery.queue,
-                message_id=delivery.message_id,
-            )
+            # Unexpected (a bug): the traceback goes with the line.
+            log.exception("delivery_failed", action="requeued", message_id=delivery.message_id)
             await settlement.requeue()
             return
         finally:
@@ -400,7 +413,7 @@ class Ingress:
                 try:
                     await session.publisher.publish_progress(delivery, body)
                 except Exception as exc:
-                    log.debug("progress message not sent", error=str(exc))
+                    log.debug("progress_not_sent", error=str(exc), exc_info=True)
         finally:
             del self._progress_waiting[key]
             del self._progress_sends[key]
@@ -480,7 +493,7 @@ class AmqpSettlement(Settlement):
             # and the redelivery is acknowledged from the outcome store without a reply.
             # Debug, not warning: it happens to every delivery of a dropped connection, and
             # the reconnect is logged once.
-            log.debug("ack failed after the outcome was published", error=str(exc))
+            log.debug("ack_failed", error=str(exc), exc_info=True)
 
     def _let_go_of_body(self) -> None:
         """Acking and requeueing need only the channel and delivery tag."""
@@ -491,4 +504,6 @@ class AmqpSettlement(Settlement):
         try:
             await self._message.nack(requeue=True)
         except Exception as exc:
-            log.warning("could not requeue; RabbitMQ redelivers on channel close", error=str(exc))
+            # RabbitMQ redelivers it when the channel closes.
+            log.warning("requeue_failed", error=str(exc))
+            log.debug("requeue_failed_traceback", exc_info=True)

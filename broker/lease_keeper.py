@@ -38,6 +38,7 @@ def start(keeping: Coroutine[Any, Any, None], task_id: str) -> "asyncio.Task[Non
             log.error(
                 "lease_keeper_stopped", task_id=task_id, error=f"{type(error).__name__}: {error}"
             )
+            log.debug("lease_keeper_stopped_traceback", exc_info=error)
 
     keeper.add_done_callback(observe)
     return keeper
@@ -65,6 +66,7 @@ async def keep_lease(
                 error=f"{type(exc).__name__}: {exc}",
                 retry_in_s=renew_s,
             )
+            log.debug("lease_renewal_failed_traceback", exc_info=True)
         else:
             lease += 1
             if original is not None:
@@ -76,7 +78,7 @@ async def keep_lease(
                 await _settle(held.pop(0).ack(), lease)
             held = active.renewed_copies = active.copies
             active.copies = []
-            log.info("lease renewed", lease=lease)
+            log.info("lease_renewed", lease=lease)
         await asyncio.sleep(renew_s)
 
 
@@ -85,3 +87,4 @@ async def _settle(settling: Awaitable[None], lease: int) -> None:
         await settling
     except Exception as exc:
         log.error("lease_settle_failed", lease=lease, error=f"{type(exc).__name__}: {exc}")
+        log.debug("lease_settle_failed_traceback", exc_info=True)

@@ -1,4 +1,5 @@
-"""structlog set-up: console or JSON lines; the task id is bound per task by the processor."""
+"""structlog set-up: console or JSON lines. Events are snake_case names (the `event` key);
+the queue is bound per delivery by the ingress, the task id by the ingress and processor."""
 
 import logging
 import sys

@@ -45,7 +45,7 @@ def map_large_buffers(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
         return False
     done = bool(_LIBC.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold_bytes)))
     if not done:
-        log.warning("mallopt refused the mmap threshold", threshold_bytes=threshold_bytes)
+        log.warning("mmap_threshold_refused", threshold_bytes=threshold_bytes)
     return done
 
 

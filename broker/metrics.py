@@ -187,7 +187,8 @@ class DaemonMetrics:
                 try:
                     self.update(await read())
                 except Exception as exc:  # a failed refresh leaves the last values
-                    log.warning("metrics refresh failed", error=str(exc))
+                    log.warning("metrics_refresh_failed", error=str(exc))
+                    log.debug("metrics_refresh_failed_traceback", exc_info=True)
             await asyncio.sleep(min(1.0, interval_s))
 
     # -- HTTP, in a thread ---------------------------------------------------------------------

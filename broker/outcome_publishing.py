@@ -11,13 +11,14 @@ No publish is retried forever. A step whose connection drops under it is sent ag
 next session; after `MAX_LOST_SESSIONS` lost connections it is sent *stripped* (a reply
 without trace headers, a dead letter without the task's own headers and with its message
 cut to 256 bytes), and after as many more it is abandoned: `PublishAbandoned`, and the
-ingress hands the task back to RabbitMQ. Each is an error log line and a counter.
+ingress hands the task back to RabbitMQ. Each is an error log line (`publish_stripped`,
+`publish_abandoned`) and a counter.
 
 A dead letter that swarm.dead refuses (a nack) is not dropped: the task stays
 unacknowledged, its handler is not run again, and the dead letter is sent again (on a new
 channel: see broker/renewable_channel.py) after 1 s, 2 s, 4 s, ... up to 30 s between tries
-until swarm.dead takes it; every refusal is an error log line and counts in
-`swarm_dead_letters_refused`, the tasks held in `swarm_dead_letters_waiting`.
+until swarm.dead takes it; every refusal is an error log line (`dead_letter_refused`) and
+counts in `swarm_dead_letters_refused`, the tasks held in `swarm_dead_letters_waiting`.
 """
 
 import asyncio
@@ -69,37 +70,25 @@ class OutcomePublishing:
         together = None if dead_lettered else record
         result = await self._on_sessions(
             "reply",
-            outcome,
             lambda publisher, stripped: publisher.publish_reply(
                 delivery, outcome, together, stripped=stripped
             ),
         )
         if result.truncated:
             self.stats.headers_truncated += 1
-            log.warning(
-                "reply headers dropped to fit the frame size",
-                task_id=outcome.task_id,
-                dropped=list(result.truncated),
-            )
+            log.warning("reply_headers_dropped", dropped=list(result.truncated))
         if result.undelivered == REFUSED:
             self.stats.replies_refused += 1
-            log.warning(
-                "reply refused by its queue; dead-lettered",
-                task_id=outcome.task_id,
-                reply_to=delivery.reply_to,
-            )
+            log.warning("reply_refused", reply_to=delivery.reply_to)  # it is dead-lettered
         if result.copy_refused:
             self.stats.results_copies_refused += 1
-            log.warning(
-                "a queue bound to swarm.results refused the reply's copy; not sent again",
-                task_id=outcome.task_id,
-            )
+            log.warning("results_copy_refused")  # not sent again
         reason = dead_letter_reason(delivery, outcome, result.undelivered)
         if reason is not None:
             await self._dead_letter(delivery, outcome, reason)
         if dead_lettered and record is not None:
             await self._on_sessions(
-                "outcome record", outcome, lambda publisher, _: publisher.append_record(record)
+                "outcome record", lambda publisher, _: publisher.append_record(record)
             )
 
     async def _dead_letter(
@@ -112,7 +101,6 @@ class OutcomePublishing:
                 try:
                     truncated = await self._on_sessions(
                         "dead letter",
-                        outcome,
                         lambda publisher, stripped: publisher.publish_dead_letter(
                             delivery, outcome, reason, stripped=stripped
                         ),
@@ -123,13 +111,9 @@ class OutcomePublishing:
                     if not waiting:
                         waiting = True
                         self.stats.dead_letters_waiting += 1
-                    log.error(
-                        "swarm.dead refused a dead letter; the task is held, not run again, "
-                        "and the dead letter sent again",
-                        task_id=outcome.task_id,
-                        queue=delivery.queue,
-                        retry_in_s=delay_s,
-                    )
+                    # The task is held, not run again, and the dead letter sent again.
+                    log.error("dead_letter_refused", retry_in_s=delay_s)
+                    log.debug("dead_letter_refused_traceback", exc_info=True)
                     await asyncio.sleep(delay_s)
                     delay_s = min(DEAD_LETTER_RETRY_MAX_S, delay_s * 2)
         finally:
@@ -137,15 +121,12 @@ class OutcomePublishing:
                 self.stats.dead_letters_waiting -= 1
         if truncated:
             self.stats.headers_truncated += 1
-            log.warning(
-                "dead letter cut to fit the frame size",
-                task_id=outcome.task_id,
-                truncated=list(truncated)[:20],
-            )
+            log.warning("dead_letter_truncated", truncated=list(truncated)[:20])
 
-    async def _on_sessions(self, what: str, outcome: Outcome, step: Step[T]) -> T:
+    async def _on_sessions(self, what: str, step: Step[T]) -> T:
         """`step` on the current session; when the connection drops under it, on the next
-        one: stripped after MAX_LOST_SESSIONS, abandoned after twice that."""
+        one: stripped after MAX_LOST_SESSIONS, abandoned after twice that. Its lines carry
+        the task id from the context the ingress binds for the delivery."""
         lost = 0
         while True:
             await self._ready.wait()
@@ -159,23 +140,15 @@ class OutcomePublishing:
                 lost += 1
                 if lost == MAX_LOST_SESSIONS:
                     self.stats.stripped += 1
-                    log.error(
-                        f"{what} cost {lost} connections; sending it stripped",
-                        task_id=outcome.task_id,
-                        error=str(exc),
-                    )
+                    log.error("publish_stripped", step=what, lost_connections=lost, error=str(exc))
+                    log.debug("publish_stripped_traceback", exc_info=True)
                 elif lost >= 2 * MAX_LOST_SESSIONS:
                     self.stats.abandoned += 1
-                    log.error(
-                        f"{what} cost {lost} connections, stripped too; abandoned, the task "
-                        "goes back to its queue",
-                        task_id=outcome.task_id,
-                        error=str(exc),
-                    )
+                    # The task goes back to its queue (the ingress requeues it).
+                    log.error("publish_abandoned", step=what, lost_connections=lost, error=str(exc))
+                    log.debug("publish_abandoned_traceback", exc_info=True)
                     raise PublishAbandoned(what) from exc
                 else:
-                    log.info(
-                        "publish interrupted by a lost connection; will publish again",
-                        error=str(exc),
-                    )
+                    log.info("publish_interrupted", error=str(exc))  # sent on the next session
+                    log.debug("publish_interrupted_traceback", exc_info=True)
                 await asyncio.sleep(0)

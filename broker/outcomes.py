@@ -153,8 +153,10 @@ class OutcomeStore:
         not remembered, so a duplicate of the id runs again (as after the retention window)."""
         if len(reply_body) > self.max_reply_bytes:
             self.unrecorded += 1
+            # A duplicate of this id will run again.
             log.warning(
-                "reply too large to remember; a duplicate of this id will run again",
+                "outcome_not_recorded",
+                reason="reply_too_large",
                 task_id=task_id,
                 reply_bytes=len(reply_body),
                 max_reply_bytes=self.max_reply_bytes,
@@ -195,10 +197,12 @@ class OutcomeStore:
                 raise ValueError("an outcome record needs a str s and bytes r")
         except Exception as exc:
             log.warning(
-                "unreadable record in the outcome stream; skipped",
+                "outcome_record_skipped",
+                reason="unreadable",
                 record_bytes=len(record),
                 error=f"{type(exc).__name__}: {exc}",
             )
+            log.debug("outcome_record_skipped_traceback", exc_info=True)
             return
         if self._expired(at):
             return
@@ -234,7 +238,7 @@ class OutcomeStore:
         await self._reader.follow(connection, publish_channel, on_lost)
         stats = self._reader.stats
         log.info(
-            "outcome store replayed",
+            "outcome_store_replayed",
             outcomes=len(self._outcomes),
             cancels=len(self._cancels),
             records_applied=stats.applied,

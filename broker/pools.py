@@ -68,7 +68,8 @@ class PoolSet:
         for spec in self._specs.values():
             if not self._ledger.could_host(spec.shape, spec.custom_resources):
                 log.info(
-                    "pool not started: no node can hold its actors",
+                    "pool_not_started",
+                    reason="no_node_can_hold_actor",
                     pool=spec.name,
                     shape=spec.shape.as_dict(),
                     needs=spec.custom_resources,
@@ -80,7 +81,7 @@ class PoolSet:
             for info in await pool.start():
                 self._ledger.add_actor(info)
             log.info(
-                "pool started",
+                "pool_started",
                 pool=spec.name,
                 actors=spec.min_size,
                 max_actors=spec.max_size,
@@ -147,14 +148,14 @@ class PoolSet:
         if pool.remove(actor.key) is None:
             return  # another task on the same actor already reported it
         self._ledger.remove_actor(actor.key)
-        log.warning("actor lost", actor=actor.key, node=actor.node_id)
+        log.warning("actor_lost", actor=actor.key, node=actor.node_id)
         self._sizing_needed.set()
 
     def retire(self, actor: ActorInfo) -> None:
         """Take no new tasks on `actor` and stop it once its running tasks end: its process
         holds a sync handler's thread that a time limit or a cancel could not interrupt."""
         self._ledger.drain(actor.key)
-        log.info("actor retiring: a sync handler could not be stopped", actor=actor.key)
+        log.info("actor_retiring", reason="sync_handler_not_stoppable", actor=actor.key)
         self.reap()
 
     def reap(self) -> None:
@@ -189,7 +190,7 @@ class PoolSet:
             for key in self._ledger.idle_actors(name, self._idle_s)[: count - spec.min_size]:
                 self._ledger.remove_actor(key)
                 pool.remove(key)
-                log.info("idle actor retired", pool=name, actor=key)
+                log.info("idle_actor_retired", pool=name, actor=key)
 
     def _grow(self, name: str, pool: RayActorPool) -> None:
         self._growing[name] = self._growing.get(name, 0) + 1
@@ -198,7 +199,8 @@ class PoolSet:
             try:
                 info = await pool.add_actor()
             except WorkerError as exc:
-                log.error("could not add an actor", pool=name, error=str(exc))
+                log.error("actor_add_failed", pool=name, error=str(exc))
+                log.debug("actor_add_failed_traceback", exc_info=True)
                 return
             finally:
                 self._growing[name] -= 1
@@ -206,7 +208,7 @@ class PoolSet:
             if info.node_id not in self._ledger.nodes:
                 await self.refresh_nodes()  # Ray placed it on a node that joined since
             log.info(
-                "pool grew", pool=name, actor=info.key, node=info.node_id, actors=len(pool.actors)
+                "pool_grew", pool=name, actor=info.key, node=info.node_id, actors=len(pool.actors)
             )
             self._scheduler.wake(name)
             self._sizing_needed.set()

@@ -91,11 +91,10 @@ class TaskProcessor:
             # neither reads nor writes the outcome store, so a stored outcome never answers a
             # body that is not that task, and a corrected body of the same id still runs.
             log.info(
-                "task rejected",
+                "task_rejected",
                 code=admitted.code,
                 reason=admitted.message,
-                task_id=admitted.task_id,
-                queue=delivery.queue,
+                task_id=admitted.task_id,  # the id it claims: not bound, it is no task yet
             )
             return refused(admitted, routing_type)
         task = admitted
@@ -144,6 +143,7 @@ class TaskProcessor:
                     log.error(
                         "copy_settle_failed", task_id=task_id, error=f"{type(exc).__name__}: {exc}"
                     )
+                    log.debug("copy_settle_failed_traceback", exc_info=True)
 
         task = asyncio.ensure_future(settle())
         self._settling.add(task)
@@ -173,8 +173,8 @@ class TaskProcessor:
         if stored is None:
             return None
         log.info(
-            "duplicate answered from the outcome store",
-            task_id=task_id,
+            "duplicate_answered_from_store",
+            task_id=task_id,  # not bound yet: bound for a run, and this is none
             redelivered=delivery.redelivered,
         )
         return duplicate(
@@ -195,7 +195,6 @@ class TaskProcessor:
             # refuses): answered and dead-lettered, not run again and again.
             log.warning(
                 "redelivery_limit_reached",
-                task_id=task.id,
                 deliveries=earlier + 1,
                 max_deliveries=self._settings.max_deliveries,
             )
@@ -337,7 +336,8 @@ class TaskProcessor:
                         node=actor.node_id,
                         queued_ms=_ms_since(delivery) - ran_ms,
                     )
-                log.warning("worker lost; retrying on another actor", attempt=active.attempts)
+                log.warning("worker_lost_retrying", attempt=active.attempts, error=str(lost))
+                log.debug("worker_lost_traceback", exc_info=lost)
                 await self._pause_before_retry(active.attempts, None)
                 continue
             ran_ms += result.run_ms
@@ -378,7 +378,7 @@ class TaskProcessor:
                 code == "timeout" and self._settings.retry_timeouts
             )
             if retry and active.attempts <= max_retries:
-                log.info("retrying", attempt=active.attempts, reason=result.error_message)
+                log.info("task_retrying", attempt=active.attempts, reason=result.error_message)
                 await self._pause_before_retry(active.attempts, result.retry_delay_s)
                 continue
             message = result.error_message or code

@@ -35,7 +35,7 @@ class DaemonProcess:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
-        await asyncio.wait_for(self._until("daemon ready"), timeout_s)
+        await asyncio.wait_for(self._until("daemon_ready"), timeout_s)
         self._reader = asyncio.create_task(self._until(None))
         return self
 

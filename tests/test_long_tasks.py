@@ -74,7 +74,7 @@ async def test_daemon_killed_after_a_renewal_the_copy_carries_the_task(
         "training", task("training", "wait_file", args, id="carried"), reply_to=inbox.name
     )
     [(_, first_pid)] = await until_journaled(journal, 1)  # running in the first daemon
-    await first.logged("lease renewed", count=2)  # the original delivery is acked by now
+    await first.logged("lease_renewed", count=2)  # the original delivery is acked by now
     [first_actor] = [
         actor_id
         for actor_id, actor in (await ray_actors()).items()

@@ -161,7 +161,7 @@ async def _ready(port: int) -> bool:
 
 
 def _metrics_port(daemon: DaemonProcess) -> int:
-    ready = next(entry for entry in daemon.log if entry.get("event") == "daemon ready")
+    ready = next(entry for entry in daemon.log if entry.get("event") == "daemon_ready")
     return int(ready["metrics_port"])
 
 
@@ -267,7 +267,7 @@ async def _trimmed_after(daemon: DaemonProcess, released_bytes: int, timeout_s: 
 
     def seen() -> bool:
         return any(
-            entry.get("event") == "idle after large deliveries: heaps trimmed"
+            entry.get("event") == "heaps_trimmed"
             and entry.get("released_bytes_total") == released_bytes
             for entry in daemon.log
         )
@@ -328,7 +328,7 @@ async def test_large_tasks_are_held_by_bytes_and_their_memory_returned(
             f"rss_start_mb={start_mb:.0f} rss_peak_mb={peak_mb:.0f} rss_idle_mb={idle_mb:.0f} "
             f"private_start_mb={start_private_mb:.0f} private_idle_mb={idle_private_mb:.0f} "
             f"held_peak_mb={held_peak / MB:.1f} held_limit_mb={HELD_LIMIT_MB} "
-            f"prefetch={PREFETCH} paused={_count(daemon, 'task consumers paused')}"
+            f"prefetch={PREFETCH} paused={_count(daemon, 'task_consumers_paused')}"
         )
         replies.figures(
             "large-tasks-200x4MB", ids, peak_rss_mb=peak_mb, ready=await _ready(port)
@@ -339,15 +339,15 @@ async def test_large_tasks_are_held_by_bytes_and_their_memory_returned(
         # most one prefetch window of the one task queue in use).
         body_bytes = len(msgpack.packb(task(id=ids[0], args=payload)))
         assert held_peak <= HELD_LIMIT_MB * MB + PREFETCH * body_bytes
-        assert _count(daemon, "task consumers paused") >= 1
+        assert _count(daemon, "task_consumers_paused") >= 1
         assert idle_private_mb <= start_private_mb + IDLE_BUDGET_MB
     finally:
         daemon.terminate()
         assert await daemon.wait() == 0
 
 
-def _count(daemon: DaemonProcess, event_prefix: str) -> int:
-    return sum(1 for entry in daemon.log if str(entry.get("event", "")).startswith(event_prefix))
+def _count(daemon: DaemonProcess, event: str) -> int:
+    return sum(1 for entry in daemon.log if entry.get("event") == event)
 
 
 async def _until_consumers(ingress: Ingress, wanted: Callable[[], bool]) -> None:

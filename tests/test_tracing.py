@@ -46,10 +46,10 @@ async def test_the_daemons_logs_carry_the_trace(
             headers={"traceparent": TRACEPARENT},
         )
         reply = await inbox.one()
-        await daemon.logged("task rejected")
+        await daemon.logged("task_rejected")
     finally:
         daemon.terminate()
         assert await daemon.wait() == 0
-    entry = next(e for e in daemon.log if e.get("event") == "task rejected")
+    entry = next(e for e in daemon.log if e.get("event") == "task_rejected")
     assert entry["trace_id"] == TRACE_ID
     assert reply.headers["traceparent"] == f"00-{TRACE_ID}-{entry['span_id']}-01"

@@ -254,7 +254,7 @@ async def test_backlog_stays_in_rabbitmq_and_daemon_memory_stays_flat(
     ).start()
     assert daemon.process is not None
     pid = daemon.process.pid
-    ready = next(entry for entry in daemon.log if entry.get("event") == "daemon ready")
+    ready = next(entry for entry in daemon.log if entry.get("event") == "daemon_ready")
     port = int(ready["metrics_port"])
     samples = [rss_mb(pid)]
     body_args = {"seconds": 5.0, "padding": "x" * 512}
