@@ -91,6 +91,8 @@ def _echo_check(reply: bytes, sent: bytes, args: bytes) -> str | None:
 SWARM = Codec("swarm", TASKS_EXCHANGE, TASK_TYPE, _swarm_make, _swarm_check)
 # The reference server consumes the same queue with the same body, and echoes the body back.
 REFERENCE = Codec("reference", TASKS_EXCHANGE, TASK_TYPE, _swarm_make, _echo_check)
+# ray-glue answers with a protocol reply, its result what its Ray actor returned.
+RAY_GLUE = Codec("ray-glue", TASKS_EXCHANGE, TASK_TYPE, _swarm_make, _swarm_check)
 
 
 @dataclass

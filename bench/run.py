@@ -1,6 +1,8 @@
-"""Swarm's benchmark: the reference echo server, Swarm end to end and (when importable)
-Celery and Dramatiq, measured in one run, interleaved round by round, each round of each
-system on a fresh RabbitMQ vhost. See bench/README.md.
+"""Swarm's benchmark: the reference echo server, the reference plus one Ray actor call per task
+(ray-glue), Swarm end to end and (when importable) Celery and Dramatiq, measured in one run,
+interleaved round by round, each round of each system on a fresh RabbitMQ vhost; then
+Swarm's `predict` on real rows against the same model called directly in a Ray actor. See
+bench/README.md.
 
     .venv/bin/python bench/run.py --tasks 3000 --rounds 3
 """
@@ -14,15 +16,18 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import predict
 from client import BenchError, LoadClient, RunResult, args_for, percentile
 from procs import PhasePeak, Rabbit, SharedRay, tool, wait_for_vhost_deletes
 from systems import System, importable, make_system
@@ -31,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PAYLOAD_LABELS = {"small": "150 B", "1024": "1 KiB", "65536": "64 KiB"}
 EXTRAS = ("celery", "dramatiq")
+SYSTEMS = ("reference", "ray-glue", "swarm", *EXTRAS)
+CEILING = "predict-ceiling"  # not a system: a step of each round when --predict-tasks > 0
 MIB = 1024.0
 PROFILE_RATE_HZ = 200
 
@@ -58,8 +65,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--systems",
         default="auto",
-        help="comma-separated of reference,swarm,celery,dramatiq; 'auto' = reference,swarm "
-        "and whichever of celery/dramatiq is importable",
+        help="comma-separated of reference,ray-glue,swarm,celery,dramatiq; 'auto' = "
+        "reference,ray-glue,swarm and whichever of celery/dramatiq is importable",
+    )
+    parser.add_argument(
+        "--predict-tasks",
+        type=int,
+        default=predict.DEFAULT_TASKS,
+        help="predict tasks (64 rows x 128 features each) per round through Swarm and "
+        "through the ceiling, one Ray actor calling the model directly (0: off; needs swarm)",
     )
     parser.add_argument(
         "--no-extras", action="store_true", help="never run celery or dramatiq (with 'auto')"
@@ -91,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tasks <= 0 or args.rounds <= 0 or args.window <= 0:
         parser.error("--tasks, --rounds and --window must be positive")
+    if args.predict_tasks < 0:
+        parser.error("--predict-tasks must be 0 (off) or more")
     args.payloads = [p.strip() for p in args.payloads.split(",") if p.strip()]
     for payload in args.payloads:
         if payload != "small" and not payload.isdigit():
@@ -102,11 +118,11 @@ def choose_systems(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
     skipped: dict[str, str] = {}
     if args.systems != "auto":
         names = [name.strip() for name in args.systems.split(",") if name.strip()]
-        unknown = sorted(set(names) - {"reference", "swarm", *EXTRAS})
+        unknown = sorted(set(names) - set(SYSTEMS))
         if unknown:
             raise SystemExit(f"bench/run.py: unknown system(s) {', '.join(unknown)}")
     else:
-        names = ["reference", "swarm"]
+        names = ["reference", "ray-glue", "swarm"]
         for extra in EXTRAS:
             if args.no_extras:
                 skipped[extra] = "--no-extras"
@@ -127,7 +143,11 @@ def choose_systems(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
 
 
 async def run_round(
-    system: System, url: str, args: argparse.Namespace, round_no: int
+    system: System,
+    url: str,
+    args: argparse.Namespace,
+    round_no: int,
+    workload: predict.Workload | None = None,
 ) -> dict[str, Any]:
     record: dict[str, Any] = {"system": system.name, "round": round_no, "payloads": {}}
     await system.start(url)
@@ -157,6 +177,16 @@ async def run_round(
                     f"{saturated.tasks_per_s:8.0f} tasks/s  "
                     f"p50 {percentile(saturated.latencies_ms, 50):6.1f} ms saturated, "
                     f"{percentile(unloaded.latencies_ms, 50):5.1f} ms unloaded",
+                    flush=True,
+                )
+            if workload is not None:
+                sampler.phase("predict")
+                record["predict"] = await predict.run_swarm(
+                    url, workload, args.window, args.run_timeout
+                )
+                print(
+                    f"  round {round_no + 1} {system.name:<9} predict: "
+                    f"{record['predict']['rows_per_s']:8.0f} rows/s",
                     flush=True,
                 )
             sampler.phase("end")
@@ -444,6 +474,8 @@ async def bench(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     errors: list[str] = []
     profile: dict[str, Any] | None = None
+    predict_records: list[dict[str, Any]] = []
+    workload: predict.Workload | None = None
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     load_start = [round(x, 2) for x in os.getloadavg()]
@@ -456,21 +488,51 @@ async def bench(args: argparse.Namespace) -> int:
     print(
         f"systems {', '.join(systems)}; {args.rounds} round(s) of {args.tasks} tasks "
         f"(window {args.window}) per payload {', '.join(map(payload_label, args.payloads))}"
-        + (f"; skipped {', '.join(skipped)}" if skipped else ""),
+        + (f"; skipped {', '.join(skipped)}" if skipped else "")
+        + (
+            f"; {args.predict_tasks} predict tasks per round"
+            if args.predict_tasks and "swarm" in systems
+            else ""
+        ),
         flush=True,
     )
     try:
-        if "swarm" in systems and args.ray == "shared":
+        if {"swarm", "ray-glue"} & set(systems) and args.ray == "shared":
             ray = await asyncio.to_thread(SharedRay(args.ray_cpus).start, log_dir / "ray.log")
             print(f"  ray head at {ray.address} up in {ray.start_s:.1f} s", flush=True)
+        if args.predict_tasks and "swarm" in systems:
+            model_dir = Path(tempfile.mkdtemp(prefix="swb-models-", dir="/tmp"))
+            workload = await asyncio.to_thread(
+                predict.Workload.prepare, model_dir, args.predict_tasks
+            )
+        steps = [*systems, CEILING] if workload is not None else systems
         for round_no in range(args.rounds):
-            order = systems if round_no % 2 == 0 else systems[::-1]
+            order = steps if round_no % 2 == 0 else steps[::-1]
             for name in order:
+                tag = f"r{round_no + 1}"
                 try:
+                    if name == CEILING:
+                        assert workload is not None
+                        ceiling = await predict.run_ceiling(
+                            workload, ray, args.ray_cpus, log_dir, tag
+                        )
+                        predict_records.append({"system": CEILING, "round": round_no, **ceiling})
+                        print(
+                            f"  round {round_no + 1} {CEILING}: "
+                            f"{ceiling['rows_per_s']:8.0f} rows/s",
+                            flush=True,
+                        )
+                        continue
                     with rabbit.fresh_vhost(name) as url:
-                        tag = f"r{round_no + 1}"
-                        system = make_system(name, log_dir, tag, ray, args.ray_cpus)
-                        records.append(await run_round(system, url, args, round_no))
+                        model_dir = workload.model_dir if workload is not None else None
+                        system = make_system(name, log_dir, tag, ray, args.ray_cpus, model_dir)
+                        swarm_predict = workload if name == "swarm" else None
+                        record = await run_round(system, url, args, round_no, swarm_predict)
+                        records.append(record)
+                        if "predict" in record:
+                            predict_records.append(
+                                {"system": name, "round": round_no, **record["predict"]}
+                            )
                 except (BenchError, RuntimeError) as exc:
                     errors.append(f"round {round_no + 1} {name}: {exc}")
                     print(f"  round {round_no + 1} {name}: FAILED: {exc}", flush=True)
@@ -482,12 +544,18 @@ async def bench(args: argparse.Namespace) -> int:
     finally:
         if ray is not None:
             await asyncio.to_thread(ray.stop)
+        if workload is not None:
+            shutil.rmtree(workload.model_dir, ignore_errors=True)
         await asyncio.to_thread(wait_for_vhost_deletes)
 
     rows = aggregate(records, systems, args.payloads)
+    predict_rows = predict.aggregate(predict_records)
     summaries = system_summaries(records, systems)
     print()
     print(format_table(rows))
+    if predict_rows:
+        print()
+        print(predict.format_table(predict_rows))
     for name, summary in summaries.items():
         rss = summary["rss_peak_mib"]
         startup = [s for s in summary["startup_s"] if s is not None]
@@ -515,6 +583,7 @@ async def bench(args: argparse.Namespace) -> int:
             "latency_tasks": args.latency_tasks,
             "warmup": args.warmup,
             "payloads": args.payloads,
+            "predict_tasks": args.predict_tasks if workload is not None else 0,
             "systems": systems,
             "ray": args.ray,
             "ray_cpus": args.ray_cpus,
@@ -527,6 +596,17 @@ async def bench(args: argparse.Namespace) -> int:
         },
         "skipped": skipped,
         "results": rows,
+        "predict": {
+            "model": {
+                "features": predict.FEATURES,
+                "hidden": predict.HIDDEN,
+                "classes": predict.CLASSES,
+                **(workload.model if workload is not None else {}),
+            },
+            "rows_per_task": predict.ROWS_PER_TASK,
+            "results": predict_rows,
+            "rounds": predict_records,
+        },
         "systems": summaries,
         "rounds": records,
         "errors": errors,

@@ -2,6 +2,7 @@
 
 - `reference`: bench/reference.py, the least a daemon must do (see that file).
 - `swarm`: `swarm run` with the built-in `echo` handler, ready once it answers `status`.
+- `ray-glue`: bench/ray_glue.py, the reference plus one awaited Ray actor call per task.
 - `celery`, `dramatiq`: the same no-op through them (bench/extras.py), when importable.
 """
 
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client import REFERENCE, SWARM, BenchError, Codec, LoadClient
+from client import RAY_GLUE, REFERENCE, SWARM, BenchError, Codec, LoadClient
 from procs import (
     CLOCK_TICKS,
     RssSampler,
@@ -109,7 +110,7 @@ class Reference(System):
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             self._check_alive()
-            if "ready" in self.log_path.read_text(errors="replace"):
+            if "ready" in self.log_path.read_text(errors="replace").splitlines():
                 return time.monotonic() - self.started_at
             await asyncio.sleep(0.05)
         raise BenchError(f"the reference server was not ready within {READY_TIMEOUT_S:g} s")
@@ -119,10 +120,18 @@ class Swarm(System):
     name = "swarm"
     codec = SWARM
 
-    def __init__(self, log_dir: Path, tag: str, ray: SharedRay | None, ray_cpus: int) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        tag: str,
+        ray: SharedRay | None,
+        ray_cpus: int,
+        model_dir: Path | None = None,
+    ) -> None:
         super().__init__(log_dir, tag)
         self.ray = ray
         self.ray_cpus = ray_cpus
+        self.model_dir = model_dir
         self.start_ticks = 0
 
     async def start(self, url: str) -> None:
@@ -140,6 +149,8 @@ class Swarm(System):
             # "local": never join a `ray start` cluster that someone else runs on this machine.
             env["RAY_ADDRESS"] = "local"
             env["SWARM_RAY_NUM_CPUS"] = str(self.ray_cpus)
+        if self.model_dir is not None:
+            env["SWARM_MODEL_DIR"] = str(self.model_dir)  # where `predict` finds the bench's
         self._spawn([tool("swarm"), "run"], env)
         info = read_proc(self.pid)
         self.start_ticks = info.start_ticks if info is not None else 0
@@ -154,14 +165,7 @@ class Swarm(System):
         raise BenchError(f"the daemon did not answer `status` within {READY_TIMEOUT_S:g} s")
 
     def sampler(self) -> RssSampler:
-        if self.ray is not None:
-            ray = self.ray
-            # Actors of this daemon: in the shared Ray's group, started after the daemon
-            # (less a tick: /proc start times are in clock ticks).
-            since = max(0, self.start_ticks - CLOCK_TICKS // 10)
-            return RssSampler(self.pid, lambda: ray.actors_since(since))
-        pid = self.pid
-        return RssSampler(pid, lambda: embedded_actors(pid))
+        return ray_sampler(self.pid, self.ray, self.start_ticks)
 
     async def describe(self, client: LoadClient) -> dict[str, Any]:
         status = await client.control_status(timeout_s=15.0) or {}
@@ -169,15 +173,56 @@ class Swarm(System):
         return {"pool_actors": {name: view.get("actors") for name, view in pools.items()}}
 
 
+class RayGlue(Reference):
+    name = "ray-glue"
+    codec = RAY_GLUE
+
+    def __init__(self, log_dir: Path, tag: str, ray: SharedRay | None, ray_cpus: int) -> None:
+        super().__init__(log_dir, tag)
+        self.ray = ray
+        self.ray_cpus = ray_cpus
+        self.start_ticks = 0
+
+    async def start(self, url: str) -> None:
+        env = bench_env(PYTHONUNBUFFERED="1", RAY_AUTH_MODE=ray_auth_mode())
+        env["RAY_ADDRESS"] = self.ray.address if self.ray is not None else "local"
+        env["BENCH_RAY_CPUS"] = str(self.ray_cpus)
+        self._spawn([sys.executable, str(HERE / "ray_glue.py"), url], env)
+        info = read_proc(self.pid)
+        self.start_ticks = info.start_ticks if info is not None else 0
+
+    def sampler(self) -> RssSampler:
+        return ray_sampler(self.pid, self.ray, self.start_ticks)
+
+
+def ray_sampler(pid: int, ray: SharedRay | None, start_ticks: int) -> RssSampler:
+    """RSS of a process and of its Ray actors: in the shared Ray, those started after it
+    (less a tick: /proc start times are in clock ticks); else those under it."""
+    if ray is not None:
+        shared = ray
+        since = max(0, start_ticks - CLOCK_TICKS // 10)
+        return RssSampler(pid, lambda: shared.actors_since(since))
+    return RssSampler(pid, lambda: embedded_actors(pid))
+
+
 def importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def make_system(name: str, log_dir: Path, tag: str, ray: SharedRay | None, ray_cpus: int) -> System:
+def make_system(
+    name: str,
+    log_dir: Path,
+    tag: str,
+    ray: SharedRay | None,
+    ray_cpus: int,
+    model_dir: Path | None = None,
+) -> System:
     if name == "reference":
         return Reference(log_dir, tag)
     if name == "swarm":
-        return Swarm(log_dir, tag, ray, ray_cpus)
+        return Swarm(log_dir, tag, ray, ray_cpus, model_dir)
+    if name == "ray-glue":
+        return RayGlue(log_dir, tag, ray, ray_cpus)
     if name in ("celery", "dramatiq"):
         import extras
 

@@ -1,5 +1,6 @@
 """The benchmark (bench/run.py) at a tiny size: it runs end to end, exits 0 and writes its
-JSON with a positive throughput for every system. Never a claim about speed."""
+JSON with a positive throughput for every system (ray-glue among them) and the predict rows
+(Swarm and its ceiling). Never a claim about speed."""
 
 import json
 import os
@@ -9,11 +10,13 @@ import sys
 import urllib.parse
 from pathlib import Path
 
+import pytest
 from conftest import missing_requirement, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 PAYLOADS = ["small", "1024", "65536"]
+SYSTEMS = ["reference", "ray-glue", "swarm"]
 
 
 def _reachable(url: str) -> bool:
@@ -25,6 +28,7 @@ def _reachable(url: str) -> bool:
         return False
 
 
+@pytest.mark.timeout(420)
 def test_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
     url = os.environ.get("AMQP_URL") or LOCAL_URL
     require_tool("rabbitmqctl", why="the bench makes its vhosts with it")
@@ -40,23 +44,24 @@ def test_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
             "--latency-tasks=5",
             "--warmup=10",
             f"--payloads={','.join(PAYLOADS)}",
-            "--systems=reference,swarm",
+            f"--systems={','.join(SYSTEMS)}",
+            "--predict-tasks=50",
             f"--amqp-url={url}",
             f"--out={out}",
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=360,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert {"meta", "results", "systems", "rounds", "errors", "skipped"} <= result.keys()
     assert result["errors"] == []
-    assert result["meta"]["systems"] == ["reference", "swarm"]
+    assert result["meta"]["systems"] == SYSTEMS
     rows = {(row["system"], row["payload"]): row for row in result["results"]}
-    assert set(rows) == {(s, p) for s in ("reference", "swarm") for p in PAYLOADS}
+    assert set(rows) == {(s, p) for s in SYSTEMS for p in PAYLOADS}
     for row in rows.values():
         assert row["tasks_per_s"] > 0
         assert row["ratio_vs_reference"] > 0
@@ -66,3 +71,11 @@ def test_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
         assert row["rss_peak_mib"]["daemon"] > 0
     assert result["systems"]["swarm"]["rss_peak_mib"]["daemon"] > 0
     assert "tasks/s" in done.stdout  # the table was printed
+    predicted = {row["system"]: row for row in result["predict"]["results"]}
+    assert set(predicted) == {"predict-ceiling", "swarm"}
+    for row in predicted.values():
+        assert row["tasks"] == 50
+        assert row["rows_per_s"] > 0
+        assert row["ratio_vs_ceiling"] > 0
+    assert 1 <= predicted["swarm"]["mean_batch"] <= 64
+    assert "rows/s" in done.stdout  # and the predict table
