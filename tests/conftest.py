@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+import structlog
 from ray.cluster_utils import Cluster
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -69,6 +70,7 @@ def require_tool(*names: str, why: str = "") -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _plain_structlog()
     config.addinivalue_line(
         "markers",
         "requires_tool(*names): skip without these CI tools on PATH; under CI, fail instead",
@@ -78,6 +80,25 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for marker in item.iter_markers("requires_tool"):
         require_tool(*marker.args, why=str(marker.kwargs.get("why", "")))
+
+
+def _plain_structlog() -> None:
+    """Daemons started inside the test process log through structlog's defaults, whose console
+    renderer formats a traceback with rich, every local variable included: for a traceback
+    through aiormq that takes minutes and gigabytes, holding the event loop (a debug line of a
+    failed reconnect stopped the daemon's reconnecting). Plain tracebacks, debug lines kept,
+    no caching (structlog.testing.capture_logs must still see every logger)."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=True),
+            structlog.dev.ConsoleRenderer(
+                colors=False, exception_formatter=structlog.dev.plain_traceback
+            ),
+        ],
+        cache_logger_on_first_use=False,
+    )
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
