@@ -3,6 +3,7 @@ the outcome, and only then acknowledge. The one place that decides ack and reque
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -19,6 +20,7 @@ from broker.held import HeldBytes
 from broker.outcome import Outcome
 from broker.outcome_publishing import OutcomePublishing, PublishAbandoned
 from broker.outcomes import OutcomeStore
+from broker.pipelined import Acks
 from broker.publish_stats import PublishStats
 from broker.queue_depths import QueueDepths
 from broker.session import AmqpSession
@@ -57,7 +59,9 @@ _PROPERTY_NAMES = (
 )
 
 
-def to_delivery(message: AbstractIncomingMessage, queue: str, task_type: str | None) -> Delivery:
+def to_delivery(
+    message: AbstractIncomingMessage, queue: str, task_type: str | None, acks: Acks
+) -> Delivery:
     # The daemon's frame decoder (broker/frames.py) attached the raw headers table and, when a
     # property could not be decoded, what it was; `properties` then holds what was salvaged.
     extras = frame_extras(message)
@@ -68,7 +72,7 @@ def to_delivery(message: AbstractIncomingMessage, queue: str, task_type: str | N
         properties={name: getattr(message, name, None) for name in _PROPERTY_NAMES},
         redelivered=bool(message.redelivered),
         received_at_s=time.monotonic(),
-        settle_token=AmqpSettlement(message),
+        settle_token=AmqpSettlement(message, acks),
         raw_headers=extras.raw_headers if extras is not None else None,
         properties_error=extras.error if extras is not None else None,
     )
@@ -81,9 +85,11 @@ class _Consumer:
     only when neither holds. `tag` is the live consumer on the current session's channel."""
 
     queue_name: str
-    callback: Callable[[AbstractIncomingMessage], Awaitable[None]]
+    callback: Callable[..., Awaitable[None]]
     task_queue: bool
     queue: AbstractQueue | None = None
+    # How the current session's consume channel acknowledges (broker/pipelined.py).
+    acks: Acks | None = None
     tag: str | None = None
     waiting_paused: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -156,8 +162,9 @@ class Ingress:
         self._supervisor = asyncio.create_task(self._supervise())
 
     def _add_consumer(self, queue_name: str, task_type: str | None, process: Processor) -> None:
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            delivery = to_delivery(message, queue_name, task_type)
+        async def on_message(message: AbstractIncomingMessage, acks: Acks) -> None:
+            acks.delivered(message)
+            delivery = to_delivery(message, queue_name, task_type, acks)
             self.received += 1
             self.redelivered += delivery.redelivered
             size = len(message.body)
@@ -241,6 +248,7 @@ class Ingress:
                 consumer.queue = await session.consume_channel.get_queue(
                     consumer.queue_name, ensure=False
                 )
+                consumer.acks = session.acks
                 consumer.tag = None
                 await self._apply(consumer)
         except BaseException:
@@ -311,7 +319,9 @@ class Ingress:
             held_paused = consumer.task_queue and self.held.over
             want_consuming = not consumer.waiting_paused and not held_paused and not self._stopping
             if want_consuming and consumer.tag is None:
-                consumer.tag = await consumer.queue.consume(consumer.callback)
+                consumer.tag = await consumer.queue.consume(
+                    functools.partial(consumer.callback, acks=consumer.acks)
+                )
             elif not want_consuming and consumer.tag is not None:
                 tag, consumer.tag = consumer.tag, None
                 try:
@@ -476,24 +486,20 @@ def _progress_key(delivery: Delivery) -> int:
 
 
 class AmqpSettlement(Settlement):
-    """Acknowledges or requeues one delivery on its channel; broker/settlement.py decides
-    which calls are legal (a second ack raises)."""
+    """Acknowledges or requeues one delivery through its channel's `Acks` (one multiple ack
+    per loop turn, broker/pipelined.py); broker/settlement.py decides which calls are legal
+    (a second ack raises). On a channel that is gone nothing is sent: RabbitMQ redelivers the
+    message, and the redelivery is answered from the outcome store."""
 
-    __slots__ = ("_message",)
+    __slots__ = ("_acks", "_message")
 
-    def __init__(self, message: AbstractIncomingMessage) -> None:
+    def __init__(self, message: AbstractIncomingMessage, acks: Acks) -> None:
         super().__init__()
         self._message = message
+        self._acks = acks
 
     async def _send_ack(self) -> None:
-        try:
-            await self._message.ack()
-        except Exception as exc:
-            # The channel went away after the outcome was confirmed: RabbitMQ will redeliver,
-            # and the redelivery is acknowledged from the outcome store without a reply.
-            # Debug, not warning: it happens to every delivery of a dropped connection, and
-            # the reconnect is logged once.
-            log.debug("ack_failed", error=str(exc), exc_info=True)
+        self._acks.ack(self._message)
 
     def _let_go_of_body(self) -> None:
         """Acking and requeueing need only the channel and delivery tag."""
@@ -501,9 +507,4 @@ class AmqpSettlement(Settlement):
         setattr(self._message, "body", b"")  # noqa: B010
 
     async def _send_requeue(self) -> None:
-        try:
-            await self._message.nack(requeue=True)
-        except Exception as exc:
-            # RabbitMQ redelivers it when the channel closes.
-            log.warning("requeue_failed", error=str(exc))
-            log.debug("requeue_failed_traceback", exc_info=True)
+        self._acks.requeue(self._message)

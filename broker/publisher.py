@@ -4,7 +4,6 @@ import asyncio
 import contextlib
 from typing import Any
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, DeliveryMode
 from aiormq.abc import DeliveredMessage
@@ -22,6 +21,7 @@ from broker.frame_fit import (
 )
 from broker.outcome import Outcome
 from broker.outcomes import OUTCOMES_QUEUE, OutcomeStore
+from broker.pipelined import PipelinedChannel
 from broker.publish_results import (
     REFUSED,
     RETURNED,
@@ -53,13 +53,17 @@ class LeaseCopyTooLarge(ValueError):
 
 class Publisher:
     def __init__(
-        self, channel: AbstractChannel, results: AbstractExchange, dead: AbstractExchange
+        self,
+        channel: AbstractChannel,
+        pipelined: PipelinedChannel,
+        results: AbstractExchange,
+        dead: AbstractExchange,
     ) -> None:
         self._channel = channel
-        self._default = channel.default_exchange
+        self._pipelined = pipelined
         self._results = results
         self._dead = dead
-        self._records = RecordBatcher(self._default)
+        self._records = RecordBatcher(pipelined)
         self._dead_channel = RenewableChannel(self._open_dead_channel)
 
     async def publish_reply(
@@ -76,15 +80,14 @@ class Publisher:
         refused, are reported, not raised: the caller dead-letters the reply and counts the
         copy. Raises on a lost channel, or when the record is nacked.
         `stripped` leaves the trace headers out (the last line of defence)."""
-        # Straight to aiormq on this hot path: aio-pika's Message objects cost the daemon
-        # more CPU than the frames themselves.
-        channel = await self._channel.get_underlay_channel()
+        # The hot path: framed by broker/pipelined.py, no await until the confirms.
+        pipelined = self._pipelined
         wanted_id = delivery.correlation_id or outcome.task_id
         correlation_id = fit_shortstr(wanted_id)
         headers: dict[str, Any] = {STATUS_HEADER: outcome.status}
         if outcome.trace_headers and not stripped:
             headers.update(outcome.trace_headers)
-        budget = properties_budget(channel.connection.connection_tune.frame_max)
+        budget = properties_budget(pipelined.frame_max)
         headers, dropped = reply_headers(correlation_id, headers, budget)
         if correlation_id != wanted_id:
             dropped = ["correlation_id", *dropped]
@@ -96,7 +99,7 @@ class Publisher:
 
         body = outcome.reply_body
         sends: list[Any] = [
-            channel.basic_publish(
+            pipelined.publish(
                 body,
                 exchange=self._results.name,
                 routing_key=f"{outcome.routing_type}.{outcome.status}",
@@ -108,7 +111,7 @@ class Publisher:
         if reply_to is not None:
             direct = reply_to.startswith(DIRECT_REPLY_PREFIX)
             sends.append(
-                channel.basic_publish(
+                pipelined.publish(
                     body,
                     exchange="",
                     routing_key=reply_to,
@@ -256,8 +259,8 @@ class RecordBatcher:
     per task cost RabbitMQ a third of the daemon's throughput. Every caller still returns
     only once its own record is confirmed."""
 
-    def __init__(self, exchange: AbstractExchange) -> None:
-        self._exchange = exchange
+    def __init__(self, pipelined: PipelinedChannel) -> None:
+        self._pipelined = pipelined
         self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -279,9 +282,11 @@ class RecordBatcher:
         records = [record for record, _ in batch]
         body = records[0] if len(records) == 1 else OutcomeStore.batch_record(records)
         try:
-            await self._exchange.publish(
-                aio_pika.Message(body, delivery_mode=DeliveryMode.PERSISTENT),
-                OUTCOMES_QUEUE,
+            await self._pipelined.publish(
+                body,
+                exchange="",
+                routing_key=OUTCOMES_QUEUE,
+                properties=aiormq.spec.Basic.Properties(delivery_mode=DeliveryMode.PERSISTENT),
                 mandatory=False,
             )
         except asyncio.CancelledError:

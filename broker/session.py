@@ -8,6 +8,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from broker.connection import connect
 from broker.frames import tolerant_frames
+from broker.pipelined import Acks, PipelinedChannel, TurnWriter
 from broker.publisher import Publisher
 from broker.topology import Topology, declare
 
@@ -18,17 +19,25 @@ class AmqpSession:
         connection: AbstractConnection,
         publish_channel: AbstractChannel,
         consume_channel: AbstractChannel,
+        reply_channel: AbstractChannel,
         topology: Topology,
+        writer: TurnWriter,
+        pipelined: PipelinedChannel,
+        acks: Acks,
     ) -> None:
         self.connection = connection
         self.publish_channel = publish_channel
         self.consume_channel = consume_channel
         self.topology = topology
-        self.publisher = Publisher(publish_channel, topology.results, topology.dead)
+        self.writer = writer
+        # The hot path (broker/pipelined.py): replies, their copies and outcome records go
+        # on a confirm channel of their own; deliveries of consume_channel are acked here.
+        self.acks = acks
+        self.publisher = Publisher(publish_channel, pipelined, topology.results, topology.dead)
         self.lost = asyncio.Event()
         # A channel RabbitMQ closed (a 404 on a deleted exchange, a refused permission) is as
         # good as a lost connection: the session is rebuilt, and declares the topology again.
-        for closable in (connection, publish_channel, consume_channel):
+        for closable in (connection, publish_channel, consume_channel, reply_channel):
             closable.close_callbacks.add(lambda *_: self.lost.set())
 
     @classmethod
@@ -44,12 +53,27 @@ class AmqpSession:
             topology = await declare(publish_channel)
             consume_channel = await connection.channel()
             await consume_channel.set_qos(prefetch_count=prefetch)
+            reply_channel = await connection.channel(publisher_confirms=True)
+            reply_underlay = await reply_channel.get_underlay_channel()
+            writer = TurnWriter(reply_underlay.write_queue)
+            pipelined = PipelinedChannel(reply_underlay, writer)
+            acks = Acks(await consume_channel.get_underlay_channel(), writer)
         except BaseException:
             await connection.close()
             raise
-        return cls(connection, publish_channel, consume_channel, topology)
+        return cls(
+            connection,
+            publish_channel,
+            consume_channel,
+            reply_channel,
+            topology,
+            writer,
+            pipelined,
+            acks,
+        )
 
     async def close(self) -> None:
+        self.writer.close()
         if not self.connection.is_closed:
             await self.connection.close()
 

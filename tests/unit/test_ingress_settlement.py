@@ -97,7 +97,7 @@ async def test_a_settlement_on_a_channel_that_closed_does_not_raise(settle: str)
     await queue.consume(take)
     broker.queue(QUEUE).put(Message(b"body", {}))
     await broker.changes.until(lambda: bool(received), "the delivery")
-    settlement = AmqpSettlement(received[0])  # type: ignore[arg-type]
+    settlement = AmqpSettlement(received[0], session.acks)  # type: ignore[arg-type]
     broker.connection.lose()
 
     await (settlement.ack() if settle == "ack" else settlement.requeue())

@@ -16,22 +16,31 @@ from broker.settlement import SettleState
 
 
 class FakeMessage:
-    """The two calls AmqpSettlement makes on an aio-pika message, recorded."""
+    """An aio-pika message as AmqpSettlement sees it: the body it lets go of, and the acks
+    and requeues its channel's `Acks` sent for it."""
 
     def __init__(self) -> None:
         self.body = b"body"
         self.calls: list[str] = []
 
-    async def ack(self) -> None:
-        self.calls.append("ack")
 
-    async def nack(self, requeue: bool = True) -> None:
-        self.calls.append(f"nack(requeue={requeue})")
+class RecordingAcks:
+    """broker/pipelined.py's `Acks`, recording what would go on the wire."""
+
+    def ack(self, message: FakeMessage) -> None:
+        message.calls.append("ack")
+
+    def requeue(self, message: FakeMessage) -> None:
+        message.calls.append("nack(requeue=True)")
+
+
+def settlement_of(message: FakeMessage) -> AmqpSettlement:
+    return AmqpSettlement(message, RecordingAcks())  # type: ignore[arg-type]
 
 
 async def test_a_second_ack_raises_and_reaches_rabbitmq_once() -> None:
     message = FakeMessage()
-    settlement = AmqpSettlement(message)  # type: ignore[arg-type]
+    settlement = settlement_of(message)
     await settlement.ack()
     with pytest.raises(SettlementError) as raised:
         await settlement.ack()
@@ -42,7 +51,7 @@ async def test_a_second_ack_raises_and_reaches_rabbitmq_once() -> None:
 
 async def test_a_requeue_after_an_ack_raises() -> None:
     message = FakeMessage()
-    settlement = AmqpSettlement(message)  # type: ignore[arg-type]
+    settlement = settlement_of(message)
     await settlement.ack()
     with pytest.raises(SettlementError):
         await settlement.requeue()
@@ -51,7 +60,7 @@ async def test_a_requeue_after_an_ack_raises() -> None:
 
 async def test_an_ack_after_a_requeue_raises() -> None:
     message = FakeMessage()
-    settlement = AmqpSettlement(message)  # type: ignore[arg-type]
+    settlement = settlement_of(message)
     await settlement.requeue()
     with pytest.raises(SettlementError):
         await settlement.ack()
@@ -60,7 +69,7 @@ async def test_an_ack_after_a_requeue_raises() -> None:
 
 async def test_a_held_delivery_lets_go_of_its_body_and_is_settled_once() -> None:
     message = FakeMessage()
-    settlement = AmqpSettlement(message)  # type: ignore[arg-type]
+    settlement = settlement_of(message)
     settlement.hold()
     assert settlement.state is SettleState.HELD and message.body == b""
     with pytest.raises(SettlementError):

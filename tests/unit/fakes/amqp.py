@@ -68,18 +68,28 @@ class FakeIncomingMessage:
         self.acks = 0
         self.nacks = 0
 
+    @property
+    def delivery_tag(self) -> int:
+        return id(self)
+
     def _settle(self) -> None:
         if self._channel.is_closed:
             raise aio_pika.exceptions.ChannelInvalidStateError("channel closed")
         self._channel.unacked.remove(self)
 
     async def ack(self, multiple: bool = False) -> None:
+        self.ack_now()
+
+    def ack_now(self) -> None:
         self.acks += 1
         self._settle()
         self.message.history.append("acked")
         self._queue.broker.changes.notify()
 
     async def nack(self, multiple: bool = False, requeue: bool = True) -> None:
+        self.nack_now(requeue)
+
+    def nack_now(self, requeue: bool = True) -> None:
         self.nacks += 1
         self._settle()
         if requeue:
@@ -131,6 +141,52 @@ class FakeUnderlayChannel:
 
     async def close(self) -> None:
         self.is_closed = True
+
+
+class FakeAcks:
+    """broker/pipelined.py's `Acks` of one consume channel: each ack or requeue at once
+    (the real one writes a loop turn's together); nothing when the channel is gone."""
+
+    def __init__(self, channel: "FakeChannel") -> None:
+        self.channel = channel
+
+    def delivered(self, message: FakeIncomingMessage) -> None:
+        pass
+
+    def ack(self, message: FakeIncomingMessage) -> None:
+        if not self.channel.is_closed:
+            message.ack_now()
+
+    def requeue(self, message: FakeIncomingMessage) -> None:
+        if not self.channel.is_closed:
+            message.nack_now(requeue=True)
+
+
+class FakePipelined:
+    """broker/pipelined.py's `PipelinedChannel`: each publish through the underlay channel's
+    `basic_publish`, its confirm the future returned."""
+
+    def __init__(self, channel: "FakeUnderlayChannel") -> None:
+        self._channel = channel
+
+    @property
+    def frame_max(self) -> int:
+        return FRAME_MAX
+
+    def publish(
+        self, body: bytes, *, exchange: str, routing_key: str, properties: Any, mandatory: bool
+    ) -> "asyncio.Future[object]":
+        if self._channel.is_closed:
+            raise aio_pika.exceptions.ChannelInvalidStateError("channel is closed")
+        return asyncio.ensure_future(
+            self._channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=mandatory,
+            )
+        )
 
 
 class FakeChannel:

@@ -24,6 +24,7 @@ import itertools
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, cast
 
 import aiormq
@@ -39,6 +40,8 @@ from broker.topology import Topology
 from schemas.topology import DEAD_EXCHANGE, RESULTS_EXCHANGE, TASKS_EXCHANGE
 
 from .amqp import (
+    FakeAcks,
+    FakePipelined,
     PROPERTY_NAMES,
     FakeChannel,
     FakeConnection,
@@ -283,8 +286,16 @@ class MemoryBroker:
             cast(Any, None),
             cast(Any, None),
         )
+        reply_channel = connection.open_channel()
         session = AmqpSession(
-            cast(Any, connection), cast(Any, publish_channel), cast(Any, consume_channel), topology
+            cast(Any, connection),
+            cast(Any, publish_channel),
+            cast(Any, consume_channel),
+            cast(Any, reply_channel),
+            topology,
+            cast(Any, SimpleNamespace(close=lambda: None)),
+            cast(Any, FakePipelined(reply_channel.underlay)),
+            cast(Any, FakeAcks(consume_channel)),
         )
         self.changes.notify()
         return session

@@ -1,0 +1,261 @@
+"""The daemon's hot path on the wire: publishes and acknowledgements framed by Swarm, written
+without waiting, one socket write per turn of the event loop, confirms settled as integers.
+
+Why: aiormq (under aio-pika) holds a channel lock across each publish until its writer task
+has written and drained that one message, builds a future per frame, writes each frame
+with a socket write of its own, and answers a `multiple=True` confirm by walking every
+outstanding tag and scheduling a callback for each. At the daemon's rate that was a third
+of its event loop (the profile in docs/performance.md).
+
+What stays aiormq's: the connection, its reader and writer tasks, heartbeats, channel
+open/close, returned messages (`basic.return`, matched by message_id as aiormq does) and the
+rejection of every pending confirm when a channel or the connection closes (the futures are
+the channel's own). What is Swarm's:
+
+- `TurnWriter`: frames handed to it during one turn of the loop go to aiormq's write queue
+  as one payload, so the writer task makes one socket write for all of them, in order.
+- `PipelinedChannel`: a confirm channel owned by this path alone (nothing else publishes on
+  it, so its delivery tags are ours to count): `publish` frames the message (split at
+  `frame_max`), registers its confirm and returns the future, with no await; a confirm,
+  `multiple` or not, settles its tags in one pass over a deque.
+- `Acks`: acknowledgements of one consume channel, sent as one `multiple=True` ack over the
+  contiguous prefix of settled delivery tags, the rest one by one, in the same write.
+"""
+
+import asyncio
+import bisect
+from collections import deque
+from random import getrandbits
+from typing import Any, Protocol
+
+import aiormq
+import pamqp.frame
+from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
+
+_marshal = pamqp.frame.marshal
+
+
+class TurnWriter:
+    """One connection's frames, a loop turn's worth per write (see the module)."""
+
+    def __init__(self, write_queue: "asyncio.Queue[ChannelFrame]") -> None:
+        self._queue = write_queue
+        self._parts: list[bytes] = []
+        self._scheduled = False
+        # Waiting for room in aiormq's bounded write queue; later frames wait behind it.
+        self._putting: asyncio.Task[None] | None = None
+        self.writes = 0
+
+    def write(self, payload: bytes) -> None:
+        self._parts.append(payload)
+        if not self._scheduled and self._putting is None:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._parts or self._putting is not None:
+            return
+        frame = ChannelFrame(payload=b"".join(self._parts), should_close=False)
+        self._parts = []
+        self.writes += 1
+        try:
+            self._queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self._putting = asyncio.ensure_future(self._put(frame))
+
+    async def _put(self, frame: ChannelFrame) -> None:
+        try:
+            await self._queue.put(frame)
+        finally:
+            self._putting = None
+        if self._parts:
+            self._flush()
+
+    def close(self) -> None:
+        if self._putting is not None:
+            self._putting.cancel()
+        self._parts = []
+
+
+class PipelinedChannel:
+    """A publisher-confirm channel that only this object publishes on (see the module)."""
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel, writer: TurnWriter) -> None:
+        assert isinstance(channel, aiormq.Channel) and channel.publisher_confirms
+        self._channel = channel
+        self._writer = writer
+        self._number = channel.number
+        self._max_body = channel.max_content_size
+        self._tags: deque[int] = deque()
+        # Confirms come to us: aiormq's reader calls the channel's `_on_confirm_frame`.
+        channel._on_confirm_frame = self._on_confirm  # type: ignore[method-assign,assignment]
+
+    @property
+    def frame_max(self) -> int:
+        return int(self._channel.connection.connection_tune.frame_max)
+
+    def publish(
+        self,
+        body: bytes,
+        *,
+        exchange: str,
+        routing_key: str,
+        properties: aiormq.spec.Basic.Properties,
+        mandatory: bool,
+    ) -> "asyncio.Future[Any]":
+        """Frame and queue the message; the future is the confirm: the `Basic.Ack` frame,
+        the returned `DeliveredMessage` (mandatory and unroutable), or DeliveryError on a
+        nack; the channel's close rejects it."""
+        channel = self._channel
+        if channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        if not properties.message_id:
+            # A returned message is matched to its publish by message_id (aiormq's rule).
+            properties.message_id = f"{getrandbits(128):032x}"
+        channel.delivery_tag += 1
+        tag = channel.delivery_tag
+        confirm = channel.create_future()
+        channel.confirmations[tag] = confirm
+        self._tags.append(tag)
+        if mandatory:
+            message_id = properties.message_id
+            by_id = channel.message_id_delivery_tag
+            by_id[message_id] = tag
+            confirm.add_done_callback(lambda _: by_id.pop(message_id, None))
+        number = self._number
+        size = len(body)
+        parts = [
+            _marshal(
+                spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory),
+                number,
+            ),
+            _marshal(ContentHeader(0, size, properties), number),
+        ]
+        step = self._max_body
+        if size <= step:
+            if size:
+                parts.append(_marshal(ContentBody(body), number))
+        else:
+            view = memoryview(body)
+            for start in range(0, size, step):
+                parts.append(_marshal(ContentBody(bytes(view[start : start + step])), number))
+        self._writer.write(b"".join(parts))
+        return confirm
+
+    async def _on_confirm(self, frame: spec.Basic.Ack | spec.Basic.Nack) -> None:
+        confirmations = self._channel.confirmations
+        tags = self._tags
+        last = frame.delivery_tag
+        if frame.multiple:
+            while tags and tags[0] <= last:
+                _settle(confirmations.pop(tags.popleft(), None), frame)
+        else:
+            _settle(confirmations.pop(last, None), frame)
+            while tags and tags[0] not in confirmations:
+                tags.popleft()
+
+
+def _settle(confirm: Any, frame: spec.Basic.Ack | spec.Basic.Nack) -> None:
+    # A returned message's confirm was resolved by aiormq with the message (and replaced by
+    # its `Returning` marker); a cancelled publish's future is done too.
+    if not isinstance(confirm, asyncio.Future) or confirm.done():
+        return
+    if isinstance(frame, spec.Basic.Ack):
+        confirm.set_result(frame)
+    else:
+        confirm.set_exception(aiormq.exceptions.DeliveryError(None, frame))
+
+
+class Delivered(Protocol):
+    delivery_tag: int | None
+
+
+class Acks:
+    """Acknowledgements and requeues of one consume channel (see the module). Every delivery
+    on the channel is announced with `delivered`, in the order they came, before it is
+    settled."""
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel, writer: TurnWriter) -> None:
+        self.channel = channel
+        self._writer = writer
+        self._number = channel.number
+        self._outstanding: deque[int] = deque()
+        # Acks asked for this turn, and tags already settled on the wire (nacked, or acked
+        # alone) that still sit in `_outstanding`.
+        self._to_ack: list[int] = []
+        self._settled: set[int] = set()
+        self._scheduled = False
+        self.multiple_acks = 0
+        self.single_acks = 0
+
+    def delivered(self, message: Delivered) -> None:
+        tag = message.delivery_tag
+        assert tag is not None
+        outstanding = self._outstanding
+        if outstanding and tag < outstanding[-1]:
+            # Never seen (aiormq starts its consumer tasks in frame order); kept sorted
+            # anyway, since a multiple ack must not cover a delivery still being processed.
+            bisect.insort(outstanding, tag)
+        else:
+            outstanding.append(tag)
+
+    @property
+    def open(self) -> bool:
+        return not self.channel.is_closed
+
+    def ack(self, message: Delivered) -> None:
+        """Queued for this turn's write; dropped when the channel is gone (RabbitMQ
+        redelivers the message, and the redelivery is answered from the outcome store)."""
+        if not self.open:
+            return
+        assert message.delivery_tag is not None
+        self._to_ack.append(message.delivery_tag)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def requeue(self, message: Delivered) -> None:
+        if not self.open:
+            return
+        tag = message.delivery_tag
+        assert tag is not None
+        self._flush()  # acks asked before it go first
+        self._settled.add(tag)
+        self._writer.write(
+            _marshal(spec.Basic.Nack(delivery_tag=tag, multiple=False, requeue=True), self._number)
+        )
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._to_ack:
+            return
+        to_ack, self._to_ack = self._to_ack, []
+        if not self.open:
+            return
+        pending = set(to_ack)
+        settled = self._settled
+        outstanding = self._outstanding
+        upto: int | None = None
+        while outstanding:
+            head = outstanding[0]
+            if head in pending:
+                pending.discard(head)
+                upto = head
+            elif head in settled:
+                settled.discard(head)
+            else:
+                break
+            outstanding.popleft()
+        parts: list[bytes] = []
+        if upto is not None:
+            self.multiple_acks += 1
+            parts.append(_marshal(spec.Basic.Ack(delivery_tag=upto, multiple=True), self._number))
+        for tag in pending:
+            self.single_acks += 1
+            settled.add(tag)
+            parts.append(_marshal(spec.Basic.Ack(delivery_tag=tag, multiple=False), self._number))
+        self._writer.write(b"".join(parts))

@@ -1,0 +1,149 @@
+"""Acknowledgements on the hot path (broker/pipelined.py `Acks`): one loop turn's acks are one
+write, a `multiple=True` ack over the contiguous settled prefix, the rest one by one; never an
+ack of a delivery that is still being processed, never one RabbitMQ would call unknown."""
+
+import asyncio
+from dataclasses import dataclass
+
+import pamqp.frame
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pamqp import commands as spec
+
+from broker.pipelined import Acks, TurnWriter
+
+
+@dataclass
+class Tagged:
+    delivery_tag: int
+
+
+class StubChannel:
+    number = 3
+    is_closed = False
+
+
+def frames(payloads: list[bytes]) -> list[tuple[str, int, bool]]:
+    """(method, delivery_tag, multiple) of each frame written, in order."""
+    out = []
+    for payload in payloads:
+        data = payload
+        while data:
+            used, channel, frame = pamqp.frame.unmarshal(data)
+            assert channel == StubChannel.number
+            data = data[used:]
+            if isinstance(frame, spec.Basic.Ack):
+                out.append(("ack", frame.delivery_tag, frame.multiple))
+            else:
+                assert isinstance(frame, spec.Basic.Nack) and frame.requeue
+                out.append(("nack", frame.delivery_tag, frame.multiple))
+    return out
+
+
+def acks_on(channel: StubChannel) -> tuple[Acks, asyncio.Queue[object]]:
+    queue: asyncio.Queue[object] = asyncio.Queue()
+    return Acks(channel, TurnWriter(queue)), queue  # type: ignore[arg-type]
+
+
+def written(queue: asyncio.Queue[object]) -> list[bytes]:
+    out = []
+    while not queue.empty():
+        out.append(queue.get_nowait().payload)  # type: ignore[attr-defined]
+    return out
+
+
+async def a_turn() -> None:
+    # Acks flush on the next turn, the writer on the one after.
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_a_turns_acks_of_the_oldest_deliveries_are_one_multiple_ack() -> None:
+    acks, queue = acks_on(StubChannel())
+    for tag in range(1, 6):
+        acks.delivered(Tagged(tag))
+    for tag in (2, 1, 3):
+        acks.ack(Tagged(tag))
+    await a_turn()
+    payloads = written(queue)
+    assert len(payloads) == 1  # one socket write
+    assert frames(payloads) == [("ack", 3, True)]
+
+
+async def test_acks_behind_a_delivery_still_running_go_one_by_one() -> None:
+    acks, queue = acks_on(StubChannel())
+    for tag in range(1, 5):
+        acks.delivered(Tagged(tag))
+    acks.ack(Tagged(2))
+    acks.ack(Tagged(3))
+    await a_turn()
+    assert sorted(frames(written(queue))) == [("ack", 2, False), ("ack", 3, False)]
+    acks.ack(Tagged(1))  # the prefix now reaches past 2 and 3, already acked
+    await a_turn()
+    assert frames(written(queue)) == [("ack", 1, True)]
+    acks.ack(Tagged(4))
+    await a_turn()
+    assert frames(written(queue)) == [("ack", 4, True)]
+
+
+async def test_a_requeue_goes_after_the_acks_asked_before_it_and_is_never_covered() -> None:
+    acks, queue = acks_on(StubChannel())
+    for tag in range(1, 4):
+        acks.delivered(Tagged(tag))
+    acks.ack(Tagged(1))
+    acks.requeue(Tagged(2))
+    acks.ack(Tagged(3))
+    await a_turn()
+    assert frames(written(queue)) == [("ack", 1, True), ("nack", 2, False), ("ack", 3, True)]
+
+
+async def test_nothing_is_written_for_a_channel_that_closed() -> None:
+    channel = StubChannel()
+    acks, queue = acks_on(channel)
+    acks.delivered(Tagged(1))
+    acks.delivered(Tagged(2))
+    channel.is_closed = True
+    acks.ack(Tagged(1))
+    acks.requeue(Tagged(2))
+    await a_turn()
+    assert written(queue) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_order_of_settling_acks_each_delivery_once_and_only_once_settled(
+    data: st.DataObject,
+) -> None:
+    """Deliveries arrive, are settled (ack or requeue) in any order and any grouping into
+    turns, some never: replayed against RabbitMQ's rules for unacked tags, every frame names
+    an unacked tag, and exactly the settled deliveries end acked or requeued."""
+    count = data.draw(st.integers(1, 40))
+    order = data.draw(st.permutations(range(1, count + 1)))
+    never = set(data.draw(st.lists(st.sampled_from(order), max_size=count // 3)))
+    requeued = set(data.draw(st.lists(st.sampled_from(order), max_size=count // 3))) - never
+    cuts = sorted(data.draw(st.lists(st.integers(0, count), max_size=8)))
+
+    async def run() -> list[tuple[str, int, bool]]:
+        acks, queue = acks_on(StubChannel())
+        for tag in range(1, count + 1):
+            acks.delivered(Tagged(tag))
+        settled_order = [tag for tag in order if tag not in never]
+        for index, tag in enumerate(settled_order):
+            if index in cuts:
+                await a_turn()
+            (acks.requeue if tag in requeued else acks.ack)(Tagged(tag))
+        await a_turn()
+        return frames(written(queue))
+
+    unacked = set(range(1, count + 1))
+    acked: set[int] = set()
+    nacked: set[int] = set()
+    for method, tag, multiple in asyncio.run(run()):
+        assert tag in unacked, f"{method} of {tag}, not unacked: RabbitMQ closes the channel"
+        covered = {t for t in unacked if t <= tag} if multiple else {tag}
+        assert not covered & never, f"{method} {tag} covers a delivery still being processed"
+        unacked -= covered
+        (acked if method == "ack" else nacked).update(covered)
+    assert nacked == requeued
+    assert acked == set(range(1, count + 1)) - never - requeued
+    assert unacked == never
