@@ -24,6 +24,7 @@ the channel's own). What is Swarm's:
 
 import asyncio
 import bisect
+import struct
 from collections import deque
 from random import getrandbits
 from typing import Any, Protocol
@@ -32,10 +33,54 @@ import aiormq
 import pamqp.frame
 from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
-from pamqp.body import ContentBody
-from pamqp.header import ContentHeader
 
 _marshal = pamqp.frame.marshal
+_FRAME_END = b"\xce"
+# Frame header: type, channel, payload size. Method payload head: Basic (60), Publish (40),
+# the reserved short.
+_FRAME_HEAD = struct.Struct(">BHI")
+_PUBLISH_HEAD = struct.Struct(">HHH").pack(60, 40, 0)
+_CONTENT_HEAD = struct.Struct(">HHQ")
+_METHOD, _HEADER, _BODY = 1, 2, 3
+
+
+def _frame(kind: int, channel: int, payload: bytes) -> bytes:
+    return _FRAME_HEAD.pack(kind, channel, len(payload)) + payload + _FRAME_END
+
+
+def _shortstr(value: str) -> bytes:
+    encoded = value.encode()
+    if len(encoded) > 255:
+        raise ValueError(f"{value[:40]!r}... is longer than an AMQP short string (255 bytes)")
+    return bytes((len(encoded),)) + encoded
+
+
+def publish_frames(
+    channel: int,
+    max_body: int,
+    body: bytes,
+    exchange: str,
+    routing_key: str,
+    properties: aiormq.spec.Basic.Properties,
+    mandatory: bool,
+) -> bytes:
+    """The frames of one basic.publish, as pamqp writes them (tests/unit compare the two),
+    without pamqp's per-frame validation and objects: this runs for every reply."""
+    method = _PUBLISH_HEAD + _shortstr(exchange) + _shortstr(routing_key)
+    method += b"\x01" if mandatory else b"\x00"
+    size = len(body)
+    parts = [
+        _frame(_METHOD, channel, method),
+        _frame(_HEADER, channel, _CONTENT_HEAD.pack(60, 0, size) + properties.marshal()),
+    ]
+    if size <= max_body:
+        if size:
+            parts.append(_frame(_BODY, channel, body))
+    else:
+        view = memoryview(body)
+        for start in range(0, size, max_body):
+            parts.append(_frame(_BODY, channel, bytes(view[start : start + max_body])))
+    return b"".join(parts)
 
 
 class TurnWriter:
@@ -91,8 +136,12 @@ class PipelinedChannel:
         self._number = channel.number
         self._max_body = channel.max_content_size
         self._tags: deque[int] = deque()
+        self._loop = asyncio.get_running_loop()
         # Confirms come to us: aiormq's reader calls the channel's `_on_confirm_frame`.
         channel._on_confirm_frame = self._on_confirm  # type: ignore[method-assign,assignment]
+        # Our futures are plain ones (aiormq's cost a set entry and a callback each): when the
+        # channel closes, the pending ones are failed here, with the channel's reason.
+        channel.closing.add_done_callback(self._closed)
 
     @property
     def frame_max(self) -> int:
@@ -118,7 +167,7 @@ class PipelinedChannel:
             properties.message_id = f"{getrandbits(128):032x}"
         channel.delivery_tag += 1
         tag = channel.delivery_tag
-        confirm = channel.create_future()
+        confirm = self._loop.create_future()
         channel.confirmations[tag] = confirm
         self._tags.append(tag)
         if mandatory:
@@ -126,25 +175,25 @@ class PipelinedChannel:
             by_id = channel.message_id_delivery_tag
             by_id[message_id] = tag
             confirm.add_done_callback(lambda _: by_id.pop(message_id, None))
-        number = self._number
-        size = len(body)
-        parts = [
-            _marshal(
-                spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory),
-                number,
-            ),
-            _marshal(ContentHeader(0, size, properties), number),
-        ]
-        step = self._max_body
-        if size <= step:
-            if size:
-                parts.append(_marshal(ContentBody(body), number))
-        else:
-            view = memoryview(body)
-            for start in range(0, size, step):
-                parts.append(_marshal(ContentBody(bytes(view[start : start + step])), number))
-        self._writer.write(b"".join(parts))
+        self._writer.write(
+            publish_frames(
+                self._number, self._max_body, body, exchange, routing_key, properties, mandatory
+            )
+        )
         return confirm
+
+    def _closed(self, closing: "asyncio.Future[Any]") -> None:
+        reason: BaseException | None = None
+        if not closing.cancelled():
+            reason = closing.exception()
+        confirmations = self._channel.confirmations
+        while self._tags:
+            confirm = confirmations.pop(self._tags.popleft(), None)
+            if isinstance(confirm, asyncio.Future) and not confirm.done():
+                confirm.set_exception(
+                    reason or aiormq.exceptions.ChannelInvalidStateError("channel closed")
+                )
+                confirm.exception()  # retrieved: a caller that stopped waiting logs nothing
 
     async def _on_confirm(self, frame: spec.Basic.Ack | spec.Basic.Nack) -> None:
         confirmations = self._channel.confirmations
