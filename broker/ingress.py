@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractIncomingMessage
 
 from broker import memory
 from broker.delivery import Delivery
@@ -20,7 +20,7 @@ from broker.held import HeldBytes
 from broker.outcome import Outcome
 from broker.outcome_publishing import OutcomePublishing, PublishAbandoned
 from broker.outcomes import OutcomeStore
-from broker.pipelined import Acks
+from broker.pipelined import Acks, Deliveries
 from broker.publish_stats import PublishStats
 from broker.queue_depths import QueueDepths
 from broker.session import AmqpSession
@@ -85,10 +85,11 @@ class _Consumer:
     only when neither holds. `tag` is the live consumer on the current session's channel."""
 
     queue_name: str
-    callback: Callable[..., Awaitable[None]]
+    callback: Callable[..., None]
     task_queue: bool
-    queue: AbstractQueue | None = None
-    # How the current session's consume channel acknowledges (broker/pipelined.py).
+    # The current session's consume channel: its consumers, and how it acknowledges
+    # (broker/pipelined.py).
+    deliveries: Deliveries | None = None
     acks: Acks | None = None
     tag: str | None = None
     waiting_paused: bool = False
@@ -162,7 +163,7 @@ class Ingress:
         self._supervisor = asyncio.create_task(self._supervise())
 
     def _add_consumer(self, queue_name: str, task_type: str | None, process: Processor) -> None:
-        async def on_message(message: AbstractIncomingMessage, acks: Acks) -> None:
+        def on_message(message: AbstractIncomingMessage, acks: Acks) -> None:
             acks.delivered(message)
             delivery = to_delivery(message, queue_name, task_type, acks)
             self.received += 1
@@ -245,9 +246,7 @@ class Ingress:
             self._session = session
             self.sessions += 1
             for consumer in self._consumers.values():
-                consumer.queue = await session.consume_channel.get_queue(
-                    consumer.queue_name, ensure=False
-                )
+                consumer.deliveries = session.deliveries
                 consumer.acks = session.acks
                 consumer.tag = None
                 await self._apply(consumer)
@@ -314,18 +313,19 @@ class Ingress:
     async def _apply(self, consumer: _Consumer) -> None:
         """Bring the consumer to its wanted state; serialised so the last wish wins."""
         async with consumer.lock:
-            if consumer.queue is None:
+            if consumer.deliveries is None:
                 return
             held_paused = consumer.task_queue and self.held.over
             want_consuming = not consumer.waiting_paused and not held_paused and not self._stopping
             if want_consuming and consumer.tag is None:
-                consumer.tag = await consumer.queue.consume(
-                    functools.partial(consumer.callback, acks=consumer.acks)
+                assert consumer.acks is not None
+                consumer.tag = await consumer.deliveries.consume(
+                    consumer.queue_name, functools.partial(consumer.callback, acks=consumer.acks)
                 )
             elif not want_consuming and consumer.tag is not None:
                 tag, consumer.tag = consumer.tag, None
                 try:
-                    await consumer.queue.cancel(tag)
+                    await consumer.deliveries.cancel(tag)
                 except Exception as exc:
                     log.warning("consumer_cancel_failed", queue=consumer.queue_name, error=str(exc))
                     log.debug("consumer_cancel_failed_traceback", exc_info=True)

@@ -20,19 +20,27 @@ the channel's own). What is Swarm's:
   `multiple` or not, settles its tags in one pass over a deque.
 - `Acks`: acknowledgements of one consume channel, sent as one `multiple=True` ack over the
   contiguous prefix of settled delivery tags, the rest one by one, in the same write.
+- `Deliveries`: each delivery of a consume channel handed to its consumer, a plain function,
+  in the reader's own step. aiormq starts a task per delivery and aio-pika a second one; the
+  ingress starts its own anyway, and that one is now the only one.
 """
 
 import asyncio
 import bisect
 import struct
 from collections import deque
+from collections.abc import Callable
 from random import getrandbits
 from typing import Any, Protocol
 
 import aiormq
 import pamqp.frame
-from aiormq.abc import ChannelFrame
+import structlog
+from aio_pika.message import IncomingMessage
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
+
+log = structlog.get_logger("swarm.pipelined")
 
 _marshal = pamqp.frame.marshal
 _FRAME_END = b"\xce"
@@ -308,3 +316,61 @@ class Acks:
             settled.add(tag)
             parts.append(_marshal(spec.Basic.Ack(delivery_tag=tag, multiple=False), self._number))
         self._writer.write(b"".join(parts))
+
+
+Consumer = Callable[[IncomingMessage], None]
+
+
+class Deliveries:
+    """Consumers of one consume channel (see the module). A consumer is called with aio-pika's
+    IncomingMessage (its reading of the properties is the one the daemon has always used)
+    and must not block: it starts what the delivery needs and returns."""
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        # aiormq's own steps for a delivery, minus its task: read the content header and
+        # body frames that follow the Deliver frame. Checked here, loudly, once per channel.
+        read_header = getattr(channel, "_Channel__get_content_header", None)
+        read_content = getattr(channel, "_read_content", None)
+        if read_header is None or read_content is None or not hasattr(channel, "_on_deliver_frame"):
+            raise RuntimeError("aiormq's channel changed: broker/pipelined.py needs updating")
+        self._channel = channel
+        self._read_header = read_header
+        self._read_content = read_content
+        self._consumers: dict[str, Consumer] = {}
+        channel._on_deliver_frame = self._on_deliver
+
+    async def consume(self, queue: str, consumer: Consumer) -> str:
+        tag = f"swarm.{self._channel.number}.{getrandbits(64):016x}"
+        self._consumers[tag] = consumer
+        try:
+            await self._channel.basic_consume(queue, _not_called, consumer_tag=tag)
+        except BaseException:
+            self._consumers.pop(tag, None)
+            raise
+        return tag
+
+    async def cancel(self, tag: str) -> None:
+        # Deliveries RabbitMQ sent before its CancelOk still reach the consumer: frames are
+        # read in order, and it is forgotten only after.
+        await self._channel.basic_cancel(tag)
+        self._consumers.pop(tag, None)
+
+    async def _on_deliver(self, frame: spec.Basic.Deliver) -> None:
+        header = await self._read_header()
+        message: DeliveredMessage = await self._read_content(frame, header)
+        consumer = self._consumers.get(frame.consumer_tag or "")
+        if consumer is None:
+            # Not consumed through here (nothing else consumes on this channel): left
+            # unacknowledged, RabbitMQ redelivers it when the channel closes.
+            log.error("delivery_for_unknown_consumer", consumer_tag=frame.consumer_tag)
+            return
+        try:
+            consumer(IncomingMessage(message, no_ack=False))
+        except Exception:
+            # The reader must go on: a consumer's bug costs this delivery (left unacked,
+            # redelivered with the channel), never the connection.
+            log.exception("consumer_failed", consumer_tag=frame.consumer_tag)
+
+
+async def _not_called(message: DeliveredMessage) -> None:
+    raise AssertionError("deliveries go through Deliveries._on_deliver")

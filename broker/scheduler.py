@@ -10,8 +10,10 @@ queue with too many waiters stops being consumed, so its backlog stays in Rabbit
 """
 
 import asyncio
+import bisect
 import itertools
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -36,7 +38,11 @@ _SERVICE_ORDER = attrgetter("order")
 class Scheduler:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
+        # Per pool, in service order (kept sorted as waiters arrive, not sorted per wake).
         self._waiting: dict[str, list[_Waiter]] = {}
+        # Per pool, how many waiters ask each distinct request: with one distinct request (the
+        # usual case: one task type per pool), a wake stops at the first that does not fit.
+        self._requests: dict[str, Counter[ResourceVector]] = {}
         self._waiting_by_tag: dict[str, int] = {}
         self._arrival = itertools.count()
         self.on_pool_waiting: Callable[[str], None] = lambda pool: None
@@ -76,7 +82,11 @@ class Scheduler:
                 return placed
         loop = asyncio.get_running_loop()
         waiter = _Waiter((-priority, next(self._arrival)), request, loop.create_future(), tag)
-        queue.append(waiter)
+        if queue and waiter.order < queue[-1].order:
+            bisect.insort(queue, waiter, key=_SERVICE_ORDER)  # a higher priority
+        else:
+            queue.append(waiter)
+        self._requests.setdefault(pool, Counter())[request] += 1
         self._count(tag, +1)
         # Backfill: the newcomer may fit now even though the waiters ahead of it do not.
         self.wake(pool)
@@ -120,27 +130,44 @@ class Scheduler:
         queue = self._waiting.get(pool)
         if not queue:
             return
+        requests = self._requests[pool]
+        # One distinct request: once one does not fit, none behind it does.
+        uniform = len(requests) == 1
         kept: list[_Waiter] = []
         # Requests that found no room: a waiter asking at least as much cannot fit either,
-        # so it is kept without searching the actors again (most waiters ask the same).
+        # so it is kept without searching the actors again.
         unplaceable: list[ResourceVector] = []
-        # A C-level sort on a key, not a heap of dataclass comparisons: this runs on every
-        # release, and at saturation the Python-level comparisons were most of its cost.
-        for waiter in sorted(queue, key=_SERVICE_ORDER):
-            if waiter.placed.done():
+        for index, waiter in enumerate(queue):
+            if waiter.placed.done():  # cancelled: its acquire finds it gone
+                self._gone(pool, waiter)
                 continue
-            if any(failed.fits_in(waiter.request) for failed in unplaceable):
+            if unplaceable and any(failed.fits_in(waiter.request) for failed in unplaceable):
                 kept.append(waiter)
                 continue
             placed = self.ledger.place(pool, waiter.request)
             if placed is None:
+                if uniform:
+                    for behind in queue[index:]:
+                        if behind.placed.done():
+                            self._gone(pool, behind)
+                        else:
+                            kept.append(behind)
+                    break
                 kept.append(waiter)
                 unplaceable.append(waiter.request)
             else:
+                self._gone(pool, waiter)
                 waiter.placed.set_result(placed)
         queue[:] = kept
+
+    def _gone(self, pool: str, waiter: _Waiter) -> None:
+        requests = self._requests[pool]
+        requests[waiter.request] -= 1
+        if requests[waiter.request] <= 0:
+            del requests[waiter.request]
 
     def _forget(self, pool: str, waiter: _Waiter) -> None:
         queue = self._waiting.get(pool, [])
         if waiter in queue:
             queue.remove(waiter)
+            self._gone(pool, waiter)

@@ -8,7 +8,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from broker.connection import connect
 from broker.frames import tolerant_frames
-from broker.pipelined import Acks, PipelinedChannel, TurnWriter
+from broker.pipelined import Acks, Deliveries, PipelinedChannel, TurnWriter
 from broker.publisher import Publisher
 from broker.topology import Topology, declare
 
@@ -24,6 +24,7 @@ class AmqpSession:
         writer: TurnWriter,
         pipelined: PipelinedChannel,
         acks: Acks,
+        deliveries: Deliveries,
     ) -> None:
         self.connection = connection
         self.publish_channel = publish_channel
@@ -33,6 +34,7 @@ class AmqpSession:
         # The hot path (broker/pipelined.py): replies, their copies and outcome records go
         # on a confirm channel of their own; deliveries of consume_channel are acked here.
         self.acks = acks
+        self.deliveries = deliveries
         self.publisher = Publisher(publish_channel, pipelined, topology.results, topology.dead)
         self.lost = asyncio.Event()
         # A channel RabbitMQ closed (a 404 on a deleted exchange, a refused permission) is as
@@ -57,7 +59,9 @@ class AmqpSession:
             reply_underlay = await reply_channel.get_underlay_channel()
             writer = TurnWriter(reply_underlay.write_queue)
             pipelined = PipelinedChannel(reply_underlay, writer)
-            acks = Acks(await consume_channel.get_underlay_channel(), writer)
+            consume_underlay = await consume_channel.get_underlay_channel()
+            acks = Acks(consume_underlay, writer)
+            deliveries = Deliveries(consume_underlay)
         except BaseException:
             await connection.close()
             raise
@@ -70,6 +74,7 @@ class AmqpSession:
             writer,
             pipelined,
             acks,
+            deliveries,
         )
 
     async def close(self) -> None:

@@ -922,3 +922,20 @@ SchedulerMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=30, deadline=None
 )
 TestSchedulerMachine = SchedulerMachine.TestCase
+
+
+async def test_a_small_newcomer_still_backfills_after_waiters_of_its_pool_were_cancelled() -> None:
+    """A wake stops at the first waiter that does not fit only while every waiter asks the
+    same: the count of distinct requests must survive cancellations (a lost count would
+    stop a wake at the big waiter, in front of a small one that fits)."""
+    scheduler = Scheduler(make_ledger([actor("a", shape=vec(4), max_concurrency=10)]))
+    holder = await scheduler.acquire("cpu", vec(3), 0)
+    bigs = [asyncio.create_task(scheduler.acquire("cpu", vec(4), 9)) for _ in range(3)]
+    await queued(scheduler, "cpu", 3)
+    await cancel_all(bigs[:2])
+    small = await asyncio.wait_for(scheduler.acquire("cpu", vec(1), 0), 5)
+    assert small.key == "a" and not bigs[2].done()
+    scheduler.release("cpu", small, vec(1))
+    scheduler.release("cpu", holder, vec(3))
+    assert (await next_done({bigs[2]})).result().key == "a"
+    assert scheduler.waiting("cpu") == 0

@@ -162,6 +162,28 @@ class FakeAcks:
             message.nack_now(requeue=True)
 
 
+class FakeDeliveries:
+    """broker/pipelined.py's `Deliveries` of one consume channel: consumers are plain
+    functions, called with each delivery."""
+
+    def __init__(self, channel: "FakeChannel") -> None:
+        self.channel = channel
+        self._handles: dict[str, QueueHandle] = {}
+
+    async def consume(self, queue: str, consumer: Callable[[Any], None]) -> str:
+        handle = await self.channel.get_queue(queue)
+
+        async def deliver(message: Any) -> None:
+            consumer(message)
+
+        tag = await handle.consume(deliver)
+        self._handles[tag] = handle
+        return tag
+
+    async def cancel(self, tag: str) -> None:
+        await self._handles.pop(tag).cancel(tag)
+
+
 class FakePipelined:
     """broker/pipelined.py's `PipelinedChannel`: each publish through the underlay channel's
     `basic_publish`, its confirm the future returned."""

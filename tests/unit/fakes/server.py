@@ -41,6 +41,7 @@ from schemas.topology import DEAD_EXCHANGE, RESULTS_EXCHANGE, TASKS_EXCHANGE
 
 from .amqp import (
     FakeAcks,
+    FakeDeliveries,
     FakePipelined,
     PROPERTY_NAMES,
     FakeChannel,
@@ -296,6 +297,7 @@ class MemoryBroker:
             cast(Any, SimpleNamespace(close=lambda: None)),
             cast(Any, FakePipelined(reply_channel.underlay)),
             cast(Any, FakeAcks(consume_channel)),
+            cast(Any, FakeDeliveries(consume_channel)),
         )
         self.changes.notify()
         return session
