@@ -20,13 +20,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from broker.delivery import Delivery
-from broker.ledger import Ledger
-from broker.outcomes import OutcomeStore
-from broker.pools import PoolSet
-from broker.processor import TaskProcessor
-from broker.scheduler import Scheduler
+from broker.amqp.outcomes import OutcomeStore
+from broker.scheduling.ledger import Ledger
+from broker.scheduling.pools import PoolSet
+from broker.scheduling.scheduler import Scheduler
 from broker.settings import Settings
+from broker.tasks.delivery import Delivery
+from broker.tasks.processor import TaskProcessor
 from schemas.codec import decode, encode
 from schemas.topology import CONTENT_TYPE, PROGRESS_HEADER, task_queue
 from workers import cluster

@@ -6,7 +6,7 @@ local link and behind a slow one, and what a drop in the middle of it costs.
     .venv/bin/python bench/outcome_replay.py --mb 200 --link-mb-s 4 --drop-at 0.5
 
 On a fresh vhost it fills `swarm.outcomes` with `--mb` of outcome records (as daemons write
-them), then opens a session as the daemon does (broker/session.py) and times
+them), then opens a session as the daemon does (broker/amqp/session.py) and times
 `OutcomeStore.attach`: the replay is what stands between a daemon and ready that grows with
 the store (the rest, Ray and the pools, does not). With `--link-mb-s` the replay goes through
 a local proxy moving at most that many MB/s each way; with `--drop-at F` the link is cut once
@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from procs import Rabbit, wait_for_vhost_deletes
 
-from broker.outcome_replay import OUTCOMES_QUEUE
-from broker.outcomes import MIB, OutcomeStore, stream_arguments
-from broker.session import AmqpSession
+from broker.amqp.outcome_replay import OUTCOMES_QUEUE
+from broker.amqp.outcomes import MIB, OutcomeStore, stream_arguments
+from broker.amqp.session import AmqpSession
 
 RETENTION_S = 7 * 24 * 3600.0
 FILL_WINDOW = 64  # confirms outstanding while filling

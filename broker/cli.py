@@ -14,7 +14,7 @@ from broker.settings import CONFIG_ENV, Settings
 from schemas.errors import SwarmError
 
 if TYPE_CHECKING:
-    from broker.backfill import BackfillSummary
+    from broker.producer.backfill import BackfillSummary
 
 app = typer.Typer(
     help="Swarm: a resource-aware task broker between RabbitMQ and Ray.",
@@ -91,7 +91,7 @@ def submit(
     wait_s: Annotated[float, typer.Option("--wait", help="seconds to wait for the reply")] = 60.0,
 ) -> None:
     """Submit one task and print its reply as JSON."""
-    from broker.client import SwarmClient
+    from broker.producer.client import SwarmClient
 
     try:
         parsed = json.loads(args)
@@ -142,10 +142,10 @@ def backfill(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from broker.backfill import BackfillProgress
-    from broker.backfill import backfill as run_backfill
-    from broker.client import SubmitError, SwarmClient
     from broker.errors import AmqpUnavailable
+    from broker.producer.backfill import BackfillProgress
+    from broker.producer.backfill import backfill as run_backfill
+    from broker.producer.client import SubmitError, SwarmClient
 
     if not source.is_file():
         _fail(FileNotFoundError(f"no such file: {source}"))
@@ -240,7 +240,7 @@ def status(
     ] = None,
 ) -> None:
     """Ask the daemon for pools, nodes, queues and limits."""
-    from broker.client import SwarmClient
+    from broker.producer.client import SwarmClient
 
     url = _settings().amqp_url.get_secret_value()
     if not watch:
@@ -256,7 +256,7 @@ def status(
         if as_json:
             typer.echo(json.dumps(answer, indent=2))
             return
-        from broker.status_view import render_status
+        from broker.ops.status_view import render_status
 
         render_status(answer)
         return
@@ -274,8 +274,8 @@ async def _watch_status(url: str, interval_s: float, count: int | None, as_json:
 
     from rich.live import Live
 
-    from broker.client import SwarmClient
-    from broker.status_view import status_view
+    from broker.ops.status_view import status_view
+    from broker.producer.client import SwarmClient
 
     async with SwarmClient(url) as client:
         refreshes = 0

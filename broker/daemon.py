@@ -7,20 +7,20 @@ from collections.abc import Callable
 
 import structlog
 
-from broker import memory
-from broker.connection import connect
-from broker.control import ControlProcessor
-from broker.delivery import Delivery
-from broker.ingress import Ingress
-from broker.ledger import Ledger
-from broker.metrics import ClusterView, DaemonMetrics, MetricsServer
-from broker.outcome import Outcome
-from broker.outcomes import OutcomeStore
-from broker.pools import PoolSet
-from broker.processor import TaskProcessor
-from broker.publish_stats import PublishCollector
-from broker.scheduler import Scheduler
+from broker.amqp.connection import connect
+from broker.amqp.ingress import Ingress
+from broker.amqp.outcomes import OutcomeStore
+from broker.amqp.publish_stats import PublishCollector
+from broker.ops import memory
+from broker.ops.control import ControlProcessor
+from broker.ops.metrics import ClusterView, DaemonMetrics, MetricsServer
+from broker.scheduling.ledger import Ledger
+from broker.scheduling.pools import PoolSet
+from broker.scheduling.scheduler import Scheduler
 from broker.settings import Settings
+from broker.tasks.delivery import Delivery
+from broker.tasks.outcome import Outcome
+from broker.tasks.processor import TaskProcessor
 from workers import cluster
 from workers.registry import load_handlers
 

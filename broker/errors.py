@@ -14,7 +14,7 @@ class AmqpUnavailable(BrokerError):
 
 
 class SettlementError(BrokerError):
-    """A delivery was asked to do what its state does not allow (broker/settlement.py): a
+    """A delivery was asked to do what its state does not allow (broker/tasks/settlement.py): a
     second ack, a requeue after an ack. Always a bug in Swarm, never the producer's doing."""
 
     def __init__(self, state: str, action: str) -> None:

@@ -218,7 +218,7 @@ class Settings(BaseSettings):
 
     def effective(self) -> dict[str, Any]:
         """Every setting's value as used, secrets masked (the password of the AMQP URL)."""
-        from broker.connection import redact
+        from broker.amqp.connection import redact
 
         values = self.model_dump(mode="json")
         values["amqp_url"] = redact(self.amqp_url.get_secret_value())

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from broker.backfill import BackfillProgress, backfill
-from broker.client import SwarmClient
+from broker.producer.backfill import BackfillProgress, backfill
+from broker.producer.client import SwarmClient
 
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@localhost:5672/")
 

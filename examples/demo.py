@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from broker.client import SwarmClient
+from broker.producer.client import SwarmClient
 from schemas.errors import SwarmError
 from schemas.progress import ProgressMessage
 from schemas.reply import Reply

@@ -32,8 +32,8 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from broker.client import SwarmClient
-from broker.connection import connect
+from broker.amqp.connection import connect
+from broker.producer.client import SwarmClient
 from schemas.errors import SwarmError
 from schemas.reply import Reply
 

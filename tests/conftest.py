@@ -20,9 +20,9 @@ from rabbit import RabbitServer, rabbit_server
 from raw import RawProducer
 
 from broker.daemon import Daemon
-from broker.delivery import Delivery
-from broker.outcome import Outcome
 from broker.settings import Settings
+from broker.tasks.delivery import Delivery
+from broker.tasks.outcome import Outcome
 
 # Logical CPUs: the session's local Ray advertises more than the machine's cores so that
 # several daemons' pools fit at once; tasks here are short.

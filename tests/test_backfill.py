@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from daemon_process import SWARM
 
-from broker.backfill import (
+from broker.daemon import Daemon
+from broker.producer.backfill import (
     BackfillProgress,
     BackfillSummary,
     InvalidLine,
@@ -21,9 +22,8 @@ from broker.backfill import (
     default_state_path,
     parse_line,
 )
-from broker.client import SwarmClient
-from broker.daemon import Daemon
-from broker.ratelimit import TokenBucket
+from broker.producer.client import SwarmClient
+from broker.producer.ratelimit import TokenBucket
 from schemas.task import TaskMessage
 
 TYPES = ("training", "inference", "data_processing")

@@ -6,8 +6,8 @@ import time
 import pytest
 from conftest import DaemonFactory
 
-from broker.client import SubmitError, SwarmClient, SyncSwarmClient
 from broker.daemon import Daemon
+from broker.producer.client import SubmitError, SwarmClient, SyncSwarmClient
 
 
 async def test_submit_returns_the_reply(daemon: Daemon, amqp_url: str) -> None:

@@ -1,7 +1,7 @@
 """Messages whose AMQP properties no decoder can read, against the real RabbitMQ and an
 in-process daemon: a header timestamp of 0xFFFFFFFFFFFFFFFF, a header key with byte 0xFF, a
 content_type with byte 0xFF, a reply_to with byte 0xFF. RabbitMQ routes each of them; before
-broker/frames.py each one killed the daemon's connection, and every reconnect died on the
+broker/amqp/frames.py each one killed the daemon's connection, and every reconnect died on the
 redelivered message.
 
 Each is sent between good tasks (the bystanders), from a raw AMQP client (tests/rawamqp.py):
@@ -20,7 +20,7 @@ from hardening import Figures, peak_rss_mb
 from raw import Inbox, RawProducer, Received, task
 from rawamqp import RawAmqp, RawMessage, array, content_header, longstr, properties, table
 
-from broker.salvage import Salvage, salvage_content_header
+from broker.amqp.salvage import Salvage, salvage_content_header
 
 CONTENT_TYPE = b"application/msgpack"
 BYSTANDERS_EACH_SIDE = 3

@@ -33,8 +33,8 @@ from pamqp.header import ContentHeader
 from raw import Inbox, RawProducer, Received, task
 from rawamqp import RawAmqp, RawInbox, array, content_header, longstr, properties, table
 
+from broker.amqp.frames import FrameExtras, tolerant_frames
 from broker.daemon import Daemon
-from broker.frames import FrameExtras, tolerant_frames
 
 CONTENT_TYPE = b"application/msgpack"
 EXAMPLES = 60

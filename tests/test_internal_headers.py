@@ -7,7 +7,7 @@ from conftest import DaemonFactory
 from hardening import Figures
 from raw import RawProducer, task
 
-from broker.delivery import LEASE_HEADER
+from broker.tasks.delivery import LEASE_HEADER
 
 DIAGNOSTICS = ["workers.diagnostics"]
 

@@ -63,7 +63,7 @@ async def test_daemon_killed_after_a_renewal_the_copy_carries_the_task(
     run once more by the next daemon (one run there) and answered once."""
     journal, gate = tmp_path / "runs", tmp_path / "gate"
     # One lease secret for both daemons, as a deployment with a standby would have: the second
-    # recognises the first's renewal copies (broker/leases.py).
+    # recognises the first's renewal copies (broker/tasks/leases.py).
     secret = "shared-lease-secret"
     first = await DaemonProcess(
         amqp_url, ray_address, handler_modules=DIAGNOSTICS, lease_renew_s=0.3, lease_secret=secret

@@ -22,8 +22,8 @@ from daemon_process import DaemonProcess
 from hardening import Figures, peak_rss_mb, rss_mb
 from raw import RawProducer, task
 
-from broker.ingress import Ingress
-from broker.shared_read import SharedRead
+from broker.amqp.ingress import Ingress
+from broker.ops.shared_read import SharedRead
 from schemas.topology import (
     CONTROL_QUEUE,
     DEAD_EXCHANGE,

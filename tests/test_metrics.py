@@ -10,7 +10,7 @@ from conftest import DaemonFactory
 from prometheus_client.parser import text_string_to_metric_families
 from raw import RawProducer, task
 
-from broker.metrics import DaemonMetrics
+from broker.ops.metrics import DaemonMetrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

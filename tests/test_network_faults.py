@@ -17,7 +17,7 @@ from conftest import DaemonFactory, missing_requirement, until, when_delivered
 from netproxy import TcpProxy, local_target
 from raw import Inbox, RawProducer, task
 
-from broker.client import SwarmClient
+from broker.producer.client import SwarmClient
 
 # Sleep tasks long enough that some are running when the fault hits, short enough for a
 # fast test; inference tasks take 0.05 CPU, so one CPU actor runs up to 20 at once.

@@ -24,10 +24,10 @@ from netproxy import TcpProxy
 from rabbit import RabbitServer
 from raw import RawProducer, task
 
+from broker.amqp.outcome_replay import OUTCOMES_QUEUE
+from broker.amqp.outcomes import MIB, OutcomeStore
 from broker.daemon import Daemon
-from broker.outcome import succeeded
-from broker.outcome_replay import OUTCOMES_QUEUE
-from broker.outcomes import MIB, OutcomeStore
+from broker.tasks.outcome import succeeded
 
 DIAGNOSTICS = ["workers.diagnostics"]
 

@@ -8,8 +8,8 @@ import msgpack
 from conftest import DaemonFactory, journaled, until_journaled, when_waiting
 from raw import RawProducer, task
 
-from broker.active import ActiveTask
 from broker.daemon import Daemon
+from broker.tasks.active import ActiveTask
 
 DIAGNOSTICS = ["workers.diagnostics"]
 

@@ -1,4 +1,4 @@
-"""The hot path's own publishing (broker/pipelined.py) against the real RabbitMQ: a loop turn's
+"""The hot path's own publishing (broker/amqp/pipelined.py) against the real RabbitMQ: a loop turn's
 publishes in one write, every confirm settled (also `multiple=True` ones), bodies past
 frame_max, returns, nacks, and a channel RabbitMQ closes under pending confirms."""
 
@@ -11,7 +11,7 @@ import pytest
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from broker.pipelined import Acks, PipelinedChannel, TurnWriter
+from broker.amqp.pipelined import Acks, PipelinedChannel, TurnWriter
 
 QUEUE = "pipelined.test"
 

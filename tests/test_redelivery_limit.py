@@ -11,8 +11,8 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from raw import RawProducer, task
 
+from broker.amqp.topology import declare
 from broker.daemon import Daemon
-from broker.topology import declare
 from schemas.topology import DELIVERY_COUNT_HEADER, task_queue
 
 Seen = tuple[bool, Any]  # (redelivered, x-delivery-count as it arrived)

@@ -414,7 +414,7 @@ async def test_an_outcome_that_costs_three_connections_is_sent_stripped(
     """With the size rule switched off, the reply's header frame is over frame_max and each
     publish of it closes the connection: after three, it goes stripped (without its trace
     headers) and arrives once; nothing is published as it was a fourth time."""
-    monkeypatch.setattr("broker.publisher.properties_budget", lambda frame_max: 2**32)
+    monkeypatch.setattr("broker.amqp.publisher.properties_budget", lambda frame_max: 2**32)
     daemon = await start_daemon()
     assert daemon.ingress is not None
     replies = await producer.inbox()

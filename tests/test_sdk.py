@@ -6,8 +6,8 @@ import pytest
 from conftest import DaemonFactory
 from raw import RawProducer, task
 
-from broker.client import SwarmClient
 from broker.daemon import Daemon
+from broker.producer.client import SwarmClient
 from schemas.progress import ProgressMessage
 
 DIAGNOSTICS = ["workers.diagnostics"]

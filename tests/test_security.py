@@ -26,8 +26,8 @@ from rabbit import RabbitServer
 from raw import RawProducer, task
 from tlsproxy import TlsMaterial, TlsProxy, make_tls_material
 
-from broker.client import SwarmClient
 from broker.errors import AmqpUnavailable
+from broker.producer.client import SwarmClient
 from schemas.topology import ORIGINAL_USER_HEADER
 
 # The daemon's permissions on its vhost (rabbitmqctl set_permissions -p VHOST USER CONF WRITE

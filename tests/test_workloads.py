@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import DaemonFactory
 
-from broker.client import SwarmClient
 from broker.daemon import Daemon
+from broker.producer.client import SwarmClient
 from schemas.progress import ProgressMessage
 from workers.workloads.mlp import generate_dataset, train
 from workers.workloads.store import ModelStore

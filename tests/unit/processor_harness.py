@@ -8,14 +8,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.delivery import Delivery
-from broker.ledger import Ledger
-from broker.outcome import Outcome
-from broker.outcomes import OutcomeStore
-from broker.processor import TaskProcessor
-from broker.scheduler import Scheduler
+from broker.amqp.outcomes import OutcomeStore
+from broker.scheduling.ledger import Ledger
+from broker.scheduling.scheduler import Scheduler
 from broker.settings import Settings
-from broker.settlement import Settlement
+from broker.tasks.delivery import Delivery
+from broker.tasks.outcome import Outcome
+from broker.tasks.processor import TaskProcessor
+from broker.tasks.settlement import Settlement
 from schemas.codec import encode
 from schemas.topology import CONTENT_TYPE, task_queue
 from workers.cluster import NodeInfo
@@ -49,7 +49,7 @@ class RecordingSettlement(Settlement):
 
 @dataclass
 class ScriptedPools:
-    """Stands in for broker.pools.PoolSet: every run waits until the test releases it."""
+    """Stands in for broker.scheduling.pools.PoolSet: every run waits until the test releases it."""
 
     running: dict[str, PoolSpec] = field(
         default_factory=lambda: {"cpu": PoolSpec("cpu", 1, 1, CPU_SHAPE)}

@@ -16,9 +16,9 @@ from pydantic import TypeAdapter, ValidationError
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
 
-import broker.control
-import broker.publisher
-import broker.topology
+import broker.amqp.publisher
+import broker.amqp.topology
+import broker.ops.control
 from schemas import asyncapi
 from schemas.control import ControlRequest
 from schemas.progress import ProgressMessage
@@ -342,9 +342,9 @@ def test_declarations_match_the_daemons(document: dict[str, Any]) -> None:
         if channel.get("bindings", {}).get("amqp", {}).get("is") == "queue"
     }
     for task_type in TASK_TYPES:
-        assert arguments[f"swarm.tasks.{task_type}"] == broker.topology.TASK_QUEUE_ARGUMENTS
-    assert arguments["swarm.control"] == broker.topology.CONTROL_QUEUE_ARGUMENTS
-    assert arguments["swarm.dead"] == broker.topology.DEAD_QUEUE_ARGUMENTS
+        assert arguments[f"swarm.tasks.{task_type}"] == broker.amqp.topology.TASK_QUEUE_ARGUMENTS
+    assert arguments["swarm.control"] == broker.amqp.topology.CONTROL_QUEUE_ARGUMENTS
+    assert arguments["swarm.dead"] == broker.amqp.topology.DEAD_QUEUE_ARGUMENTS
 
 
 # (e) the shape of an AsyncAPI 3.0.0 document

@@ -9,8 +9,8 @@ from typing import Any
 import aiormq
 import pytest
 
-from broker import client as client_module
-from broker.client import SwarmClient
+from broker.producer import client as client_module
+from broker.producer.client import SwarmClient
 
 
 class Callbacks(list[Callable[..., Any]]):

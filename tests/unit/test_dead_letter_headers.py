@@ -1,6 +1,6 @@
-"""broker.field_table, broker.dead_letter and broker.frame_fit: tables written faithfully, dead
-letters and replies made to fit one frame. Pure: decoded back with pamqp, as a consumer would.
-"""
+"""broker.amqp.field_table, broker.amqp.dead_letter and broker.amqp.frame_fit: tables written
+faithfully, dead letters and replies made to fit one frame. Pure: decoded back with pamqp, as a
+consumer would."""
 
 import datetime
 import decimal
@@ -10,16 +10,16 @@ from typing import Any
 
 from pamqp import frame, header
 
-from broker.dead_letter import build_dead_letter
-from broker.delivery import Delivery
-from broker.field_table import encode_entries, split_table, table_bytes
-from broker.frame_fit import (
+from broker.amqp.dead_letter import build_dead_letter
+from broker.amqp.field_table import encode_entries, split_table, table_bytes
+from broker.amqp.frame_fit import (
     EncodedHeadersProperties,
     properties_budget,
     properties_size,
     reply_headers,
     reply_properties_for,
 )
+from broker.tasks.delivery import Delivery
 from schemas.topology import ERROR_CODE_HEADER, ERROR_MESSAGE_HEADER, TRUNCATED_HEADER
 
 BUDGET = properties_budget(131072)
@@ -146,7 +146,7 @@ def test_a_property_that_cannot_be_encoded_again_is_left_out_and_named() -> None
 
 
 def test_values_are_counted_in_nested_tables_and_arrays_without_decoding() -> None:
-    from broker.salvage import values_over
+    from broker.amqp.salvage import values_over
 
     def entry(key: bytes, value: bytes) -> bytes:
         return bytes([len(key)]) + key + value

@@ -10,9 +10,9 @@ import pytest
 from processor_harness import Harness, make_harness, until
 from processor_harness import delivery as make_delivery
 
-from broker.delivery import LEASE_HEADER, Delivery
-from broker.leases import LeaseSeal
-from broker.outcome import Outcome
+from broker.tasks.delivery import LEASE_HEADER, Delivery
+from broker.tasks.leases import LeaseSeal
+from broker.tasks.outcome import Outcome
 from schemas.codec import decode
 from workers.outcome import RunOutcome
 

@@ -6,7 +6,7 @@ import asyncio
 from processor_harness import delivery as make_delivery
 from processor_harness import make_harness
 
-from broker.active import ActiveTasks
+from broker.tasks.active import ActiveTasks
 
 
 async def test_two_waiters_woken_by_an_unstored_outcome_run_the_task_one_at_a_time() -> None:

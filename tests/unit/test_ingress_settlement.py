@@ -1,4 +1,4 @@
-"""broker.ingress: when a delivery is acked and when it goes back to its queue (Ingress._handle
+"""broker.amqp.ingress: when a delivery is acked and when it goes back to its queue (Ingress._handle
 and AmqpSettlement), draining at shutdown, and consumers paused across a reconnect. The real
 Ingress, AmqpSession and Publisher on RabbitMQ in memory (tests/unit/fakes), no Ray."""
 
@@ -10,10 +10,10 @@ import pytest
 from fakes.server import MemoryBroker, Message, nack
 from fakes.swarm import MemorySwarm, quick_settings, task_body
 
-from broker.delivery import Delivery
-from broker.ingress import AmqpSettlement
-from broker.outcome import Outcome
-from broker.outcomes import OUTCOMES_QUEUE
+from broker.amqp.ingress import AmqpSettlement
+from broker.amqp.outcomes import OUTCOMES_QUEUE
+from broker.tasks.delivery import Delivery
+from broker.tasks.outcome import Outcome
 from schemas.topology import CONTROL_QUEUE, TASK_TYPES, task_queue
 
 QUEUE = task_queue("data_processing")

@@ -8,7 +8,7 @@ from processor_harness import RecordingSettlement, make_harness, until
 from processor_harness import delivery as make_delivery
 from structlog.testing import capture_logs
 
-from broker.settlement import SettleState
+from broker.tasks.settlement import SettleState
 
 
 async def test_an_ack_that_raises_at_a_renewal_does_not_stop_the_renewals() -> None:

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from broker.delivery import LEASE_HEADER, Delivery
-from broker.leases import LeaseSeal
+from broker.tasks.delivery import LEASE_HEADER, Delivery
+from broker.tasks.leases import LeaseSeal
 
 
 def delivery(

@@ -1,11 +1,12 @@
-"""broker.ledger beyond placing and finishing (tests/unit/test_scheduler.py has those): actors
-drained before they stop, idle actors, and room on the cluster's nodes for one more actor."""
+"""broker.scheduling.ledger beyond placing and finishing (tests/unit/test_scheduler.py has
+those): actors drained before they stop, idle actors, and room on the cluster's nodes for one more
+actor."""
 
 import pytest
 from fakes.sync import FakeClock
 
-import broker.ledger
-from broker.ledger import Ledger
+import broker.scheduling.ledger
+from broker.scheduling.ledger import Ledger
 from workers.cluster import NodeInfo
 from workers.pool import ActorInfo
 from workers.resources import ResourceVector
@@ -86,7 +87,7 @@ def test_idle_actors_are_the_pools_actors_that_ran_nothing_for_long_enough() -> 
 
 def test_an_actor_is_idle_from_when_its_last_task_ended(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = FakeClock(1000.0)
-    monkeypatch.setattr(broker.ledger, "time", clock)
+    monkeypatch.setattr(broker.scheduling.ledger, "time", clock)
     ledger = ledger_of(actor("a"))
     request = vec(0.5)
     ledger.place("cpu", request)

@@ -13,8 +13,8 @@ from fakes.swarm import REPLY_QUEUE, MemorySwarm, task_body
 from structlog.testing import LogCapture
 from structlog.typing import EventDict
 
-from broker.delivery import Delivery
-from broker.outcome import Outcome
+from broker.tasks.delivery import Delivery
+from broker.tasks.outcome import Outcome
 from schemas.topology import task_queue
 
 QUEUE = task_queue("data_processing")

@@ -1,6 +1,6 @@
 """Node series in /metrics follow the cluster: a node that left has its series removed."""
 
-from broker.metrics import ClusterView, DaemonMetrics
+from broker.ops.metrics import ClusterView, DaemonMetrics
 
 RESOURCES = {"cpus": 4.0, "gpus": 0.0, "memory_mb": 1024}
 

@@ -3,8 +3,8 @@
 import pytest
 from fakes.sync import FakeClock
 
-import broker.outcomes
-from broker.outcomes import OutcomeStore
+import broker.amqp.outcomes
+from broker.amqp.outcomes import OutcomeStore
 from schemas.codec import encode
 
 
@@ -49,7 +49,7 @@ def test_a_batch_record_folds_every_outcome_in_it() -> None:
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """The outcome index's wall clock, moved by hand (records are stamped with it too)."""
     fake = FakeClock()
-    monkeypatch.setattr(broker.outcomes, "time", fake)
+    monkeypatch.setattr(broker.amqp.outcomes, "time", fake)
     return fake
 
 

@@ -1,6 +1,6 @@
 """Outcome records and their sizes: what the store writes, and what it reads back (no RabbitMQ)."""
 
-from broker.outcomes import MIB, OutcomeStore
+from broker.amqp.outcomes import MIB, OutcomeStore
 
 
 def test_a_record_larger_than_the_task_body_limit_is_read_back() -> None:

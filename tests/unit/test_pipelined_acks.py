@@ -1,4 +1,4 @@
-"""Acknowledgements on the hot path (broker/pipelined.py `Acks`): one loop turn's acks are one
+"""Acknowledgements on the hot path (broker/amqp/pipelined.py `Acks`): one loop turn's acks are one
 write, a `multiple=True` ack over the contiguous settled prefix, the rest one by one; never an
 ack of a delivery that is still being processed, never one RabbitMQ would call unknown."""
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pamqp import commands as spec
 
-from broker.pipelined import Acks, TurnWriter
+from broker.amqp.pipelined import Acks, TurnWriter
 
 
 @dataclass

@@ -1,7 +1,6 @@
-"""broker.processor (with broker.active): retries, deadlines, cancels, leases, progress, lost
-workers, stuck sync handlers, duplicates and refusals, on in-memory fakes (tests/unit/fakes):
-no RabbitMQ, no Ray. Every run is answered by the test, so each branch is reached on purpose.
-"""
+"""broker.tasks.processor (with broker.tasks.active): retries, deadlines, cancels, leases, progress,
+lost workers, stuck sync handlers, duplicates and refusals, on in-memory fakes (tests/unit/fakes):
+no RabbitMQ, no Ray. Every run is answered by the test, so each branch is reached on purpose."""
 
 import asyncio
 import sys
@@ -23,10 +22,10 @@ from fakes.swarm import (
 )
 from fakes.sync import FakeClock
 
-import broker.intake
-import broker.processor
-from broker.delivery import Delivery
-from broker.outcome import Outcome
+import broker.tasks.intake
+import broker.tasks.processor
+from broker.tasks.delivery import Delivery
+from broker.tasks.outcome import Outcome
 from schemas.codec import decode, encode
 from schemas.topology import PROGRESS_HEADER, task_queue
 
@@ -84,7 +83,7 @@ async def test_a_deadline_passing_during_the_backoff_answers_expired_without_ano
     swarm: MemorySwarm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock()
-    monkeypatch.setattr(broker.intake, "time", clock)
+    monkeypatch.setattr(broker.tasks.intake, "time", clock)
     processing = start(swarm, delivery(task_body("t", deadline=clock.now_s + 10)))
     first = await swarm.pools.next_call()
     clock.advance(60)  # the deadline passes while the first run fails and backs off
@@ -105,7 +104,7 @@ async def test_a_cancel_during_the_backoff_answers_cancelled_and_never_runs_agai
     make_swarm: Callable[..., MemorySwarm], monkeypatch: pytest.MonkeyPatch, backoff: str
 ) -> None:
     # Exponential backoff's full jitter drawn at its top: an hour, never over before the cancel.
-    monkeypatch.setattr(broker.processor, "random", SimpleNamespace(uniform=lambda a, b: b))
+    monkeypatch.setattr(broker.tasks.processor, "random", SimpleNamespace(uniform=lambda a, b: b))
     swarm = make_swarm(settings=quick_settings(retry_backoff_s=3600.0))
     processing = start(swarm, delivery(task_body("t")))
     first = await swarm.pools.next_call()

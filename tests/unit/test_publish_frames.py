@@ -1,4 +1,4 @@
-"""The hot path frames its publishes itself (broker/pipelined.py `publish_frames`): byte for
+"""The hot path frames its publishes itself (broker/amqp/pipelined.py `publish_frames`): byte for
 byte what pamqp writes, for bodies empty, small and past frame_max, mandatory or not."""
 
 import aiormq
@@ -10,7 +10,7 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from broker.pipelined import publish_frames
+from broker.amqp.pipelined import publish_frames
 
 MAX_BODY = 64
 

@@ -1,6 +1,6 @@
-"""broker.publisher, broker.outcome_publishing and broker.publish_results: the outcome record
-batcher, replies RabbitMQ returned or refused and the dead letters they call for, nacks of
-every kind, and publishes cut off by lost connections. The real Publisher and
+"""broker.amqp.publisher, broker.amqp.outcome_publishing and broker.amqp.publish_results: the
+outcome record batcher, replies RabbitMQ returned or refused and the dead letters they call for,
+nacks of every kind, and publishes cut off by lost connections. The real Publisher and
 OutcomePublishing on RabbitMQ in memory (tests/unit/fakes), whose confirms each test sets."""
 
 import asyncio
@@ -12,14 +12,14 @@ import pytest
 from fakes.server import MemoryBroker, Published, failing, nack
 from fakes.swarm import REPLY_QUEUE, delivery, task_body
 
-import broker.outcome_publishing
-import broker.publisher
+import broker.amqp.outcome_publishing
+import broker.amqp.publisher
+from broker.amqp.outcome_publishing import MAX_LOST_SESSIONS, OutcomePublishing, PublishAbandoned
+from broker.amqp.outcomes import OUTCOMES_QUEUE, OutcomeStore
+from broker.amqp.publish_stats import PublishStats
+from broker.amqp.session import AmqpSession
 from broker.errors import Rejection
-from broker.outcome import Outcome, rejected, succeeded
-from broker.outcome_publishing import MAX_LOST_SESSIONS, OutcomePublishing, PublishAbandoned
-from broker.outcomes import OUTCOMES_QUEUE, OutcomeStore
-from broker.publish_stats import PublishStats
-from broker.session import AmqpSession
+from broker.tasks.outcome import Outcome, rejected, succeeded
 from schemas.codec import decode, encode
 from schemas.topology import (
     DEAD_EXCHANGE,
@@ -138,7 +138,7 @@ async def test_a_failed_batch_fails_every_record_it_carried(
 async def test_a_batch_over_the_size_limit_is_split_and_a_refusal_fails_only_its_part(
     memory: MemoryBroker, outcomes: Outcomes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(broker.publisher, "BATCH_MAX_BYTES", 10)
+    monkeypatch.setattr(broker.amqp.publisher, "BATCH_MAX_BYTES", 10)
     memory.on_publish(nack, routing_key=OUTCOMES_QUEUE, times=1)  # the first batch only
     publisher = outcomes.session.publisher
     records = [b"a" * 4, b"b" * 4, b"c" * 4]  # [a, b] fit 10 bytes, c goes on its own
@@ -239,7 +239,7 @@ async def test_a_refused_record_fails_the_publish_so_the_task_is_not_acked(
 async def test_a_refused_dead_letter_is_sent_again_on_a_new_channel_until_taken(
     memory: MemoryBroker, outcomes: Outcomes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(broker.outcome_publishing, "DEAD_LETTER_RETRY_FIRST_S", 0.0)
+    monkeypatch.setattr(broker.amqp.outcome_publishing, "DEAD_LETTER_RETRY_FIRST_S", 0.0)
     memory.on_publish(nack, exchange=DEAD_EXCHANGE, times=1)
     held = memory.hold(exchange=DEAD_EXCHANGE)
     outcome = error_outcome()

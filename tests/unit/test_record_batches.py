@@ -2,7 +2,7 @@
 
 import asyncio
 
-from broker.publisher import split_batches
+from broker.amqp.publisher import split_batches
 
 
 def sizes(batches: list[list[tuple[bytes, "asyncio.Future[None]"]]]) -> list[list[int]]:

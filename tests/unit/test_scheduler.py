@@ -1,4 +1,5 @@
-"""broker.scheduler, broker.ledger and broker.placement: accounting, waiting, pool choice. Pure."""
+"""broker.scheduling.scheduler, broker.scheduling.ledger and broker.scheduling.placement:
+accounting, waiting, pool choice. Pure."""
 
 import asyncio
 from collections.abc import Iterable
@@ -16,9 +17,9 @@ from hypothesis.stateful import (
 )
 
 from broker.errors import Rejection
-from broker.ledger import Ledger
-from broker.placement import Placement, PlacementRules
-from broker.scheduler import Scheduler
+from broker.scheduling.ledger import Ledger
+from broker.scheduling.placement import Placement, PlacementRules
+from broker.scheduling.scheduler import Scheduler
 from broker.settings import Settings
 from schemas.task import TaskMessage
 from workers.cluster import NodeInfo
@@ -178,7 +179,7 @@ def test_pool_view_reports_reserved_used_and_free() -> None:
     assert view["free"] == {"cpus": 3.5, "gpus": 0, "memory_mb": 1948}
 
 
-# == Placement: choosing a pool and checking fit (broker/placement.py) ==========================
+# == Placement: choosing a pool and checking fit (broker/scheduling/placement.py) ============
 # These rules lived on the Scheduler as choose_pool/check_fits; they moved to PlacementRules.
 
 
@@ -799,7 +800,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         tag=st.sampled_from(TAGS),
     )
     def acquire(self, pool: str, request: ResourceVector, priority: int, tag: str) -> None:
-        # Placement (broker/placement.py) refuses what no actor of the pool could ever hold.
+        # Placement (broker/scheduling/placement.py) refuses what no actor of the pool could
+        # ever hold.
         assume(self._fits_some_actor(pool, request))
         self.arrivals += 1
         task = self.loop.create_task(self.scheduler.acquire(pool, request, priority, tag))

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from broker import ingress as ingress_module
-from broker.ingress import Ingress
-from broker.outcome_replay import OutcomeReplayError
-from broker.outcomes import OutcomeStore
+from broker.amqp import ingress as ingress_module
+from broker.amqp.ingress import Ingress
+from broker.amqp.outcome_replay import OutcomeReplayError
+from broker.amqp.outcomes import OutcomeStore
 
 
 class FakeSession:

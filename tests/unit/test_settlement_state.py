@@ -1,4 +1,4 @@
-"""Settling a delivery is a state machine (broker/settlement.py): the legal paths say what
+"""Settling a delivery is a state machine (broker/tasks/settlement.py): the legal paths say what
 RabbitMQ hears, and an illegal call (a second ack, a requeue after an ack) raises instead of
 passing unseen. The ingress's own settlement (AMQP) included, and the paths the daemon takes."""
 
@@ -9,10 +9,10 @@ import pytest
 from processor_harness import RecordingSettlement, make_harness, until
 from processor_harness import delivery as make_delivery
 
+from broker.amqp.ingress import AmqpSettlement, Ingress
+from broker.amqp.outcomes import OutcomeStore
 from broker.errors import BrokerError, SettlementError
-from broker.ingress import AmqpSettlement, Ingress
-from broker.outcomes import OutcomeStore
-from broker.settlement import SettleState
+from broker.tasks.settlement import SettleState
 
 
 class FakeMessage:
@@ -25,7 +25,7 @@ class FakeMessage:
 
 
 class RecordingAcks:
-    """broker/pipelined.py's `Acks`, recording what would go on the wire."""
+    """broker/amqp/pipelined.py's `Acks`, recording what would go on the wire."""
 
     def ack(self, message: FakeMessage) -> None:
         message.calls.append("ack")

@@ -1,8 +1,8 @@
-"""broker.tracing: W3C traceparent parsing and child spans. Pure."""
+"""broker.ops.tracing: W3C traceparent parsing and child spans. Pure."""
 
 import pytest
 
-from broker.tracing import parse
+from broker.ops.tracing import parse
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

@@ -9,8 +9,8 @@ from processor_harness import delivery as make_delivery
 from processor_harness import make_harness
 
 from broker.errors import DeadlinePassed
-from broker.ledger import Ledger
-from broker.scheduler import Scheduler
+from broker.scheduling.ledger import Ledger
+from broker.scheduling.scheduler import Scheduler
 from workers.cluster import NodeInfo
 from workers.pool import ActorInfo
 from workers.resources import ResourceVector

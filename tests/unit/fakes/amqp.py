@@ -1,5 +1,5 @@
 """The client side of RabbitMQ in memory: aio-pika's and aiormq's objects, as far as
-broker/session.py, broker/ingress.py and broker/publisher.py use them.
+broker/amqp/session.py, broker/amqp/ingress.py and broker/amqp/publisher.py use them.
 
 `FakeConnection` (aio-pika's connection and aiormq's at once), `FakeChannel` (aio-pika's
 channel), `FakeUnderlayChannel` (aiormq's, with `basic_publish` and confirms), `FakeExchange`,
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 # RabbitMQ's default frame_max: the budget replies and dead letters are fitted to.
 FRAME_MAX = 131072
-# The AMQP properties a delivery carries, by aio-pika's names (broker/ingress.py reads these).
+# The AMQP properties a delivery carries, by aio-pika's names (broker/amqp/ingress.py reads these).
 PROPERTY_NAMES = (
     "content_type",
     "content_encoding",
@@ -144,7 +144,7 @@ class FakeUnderlayChannel:
 
 
 class FakeAcks:
-    """broker/pipelined.py's `Acks` of one consume channel: each ack or requeue at once
+    """broker/amqp/pipelined.py's `Acks` of one consume channel: each ack or requeue at once
     (the real one writes a loop turn's together); nothing when the channel is gone."""
 
     def __init__(self, channel: "FakeChannel") -> None:
@@ -163,7 +163,7 @@ class FakeAcks:
 
 
 class FakeDeliveries:
-    """broker/pipelined.py's `Deliveries` of one consume channel: consumers are plain
+    """broker/amqp/pipelined.py's `Deliveries` of one consume channel: consumers are plain
     functions, called with each delivery."""
 
     def __init__(self, channel: "FakeChannel") -> None:
@@ -185,7 +185,7 @@ class FakeDeliveries:
 
 
 class FakePipelined:
-    """broker/pipelined.py's `PipelinedChannel`: each publish through the underlay channel's
+    """broker/amqp/pipelined.py's `PipelinedChannel`: each publish through the underlay channel's
     `basic_publish`, its confirm the future returned."""
 
     def __init__(self, channel: "FakeUnderlayChannel") -> None:

@@ -1,6 +1,6 @@
 """Ray's side in memory: a PoolSet whose runs the test answers by hand.
 
-`FakePools` has the surface TaskProcessor uses (broker/pools.py): `running`, `run`,
+`FakePools` has the surface TaskProcessor uses (broker/scheduling/pools.py): `running`, `run`,
 `run_streaming`, `actor_lost`, `retire`, `reap`. It keeps the ledger as PoolSet does (a lost
 actor leaves it, a retired one drains and is stopped once its last run ends), and adds a
 fresh actor in place of one lost or stopped, as PoolSet's sizing loop would. Each run becomes a
@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.scheduler import Scheduler
+from broker.scheduling.scheduler import Scheduler
 from schemas.codec import encode
 from schemas.topology import TASK_TYPES
 from workers.errors import WorkerLost

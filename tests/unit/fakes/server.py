@@ -2,8 +2,8 @@
 
 The daemon reaches RabbitMQ through aio-pika (consuming, the outcome stream's appends) and,
 on its hot publishing path, straight through aiormq. `MemoryBroker` stands in for the
-server, and the objects of fakes/amqp.py for the client's, as far as broker/session.py,
-broker/ingress.py and broker/publisher.py use them. The real
+server, and the objects of fakes/amqp.py for the client's, as far as broker/amqp/session.py,
+broker/amqp/ingress.py and broker/amqp/publisher.py use them. The real
 `AmqpSession`, `Publisher`, `OutcomePublishing` and `Ingress` run on top, as taskiq's
 in-memory broker runs its real receive path.
 
@@ -33,21 +33,21 @@ from aiormq.abc import DeliveredMessage
 from pamqp import frame as pamqp_frame
 from pamqp import header as pamqp_header
 
-import broker.ingress
-from broker.outcomes import OUTCOMES_QUEUE
-from broker.session import AmqpSession
-from broker.topology import Topology
+import broker.amqp.ingress
+from broker.amqp.outcomes import OUTCOMES_QUEUE
+from broker.amqp.session import AmqpSession
+from broker.amqp.topology import Topology
 from schemas.topology import DEAD_EXCHANGE, RESULTS_EXCHANGE, TASKS_EXCHANGE
 
 from .amqp import (
-    FakeAcks,
-    FakeDeliveries,
-    FakePipelined,
     PROPERTY_NAMES,
+    FakeAcks,
     FakeChannel,
     FakeConnection,
+    FakeDeliveries,
     FakeExchange,
     FakeIncomingMessage,
+    FakePipelined,
     FakeUnderlayChannel,
 )
 from .sync import Changes
@@ -230,7 +230,7 @@ class MemoryQueue:
 
 
 class _SessionOpener:
-    """Stands in for the `AmqpSession` class in broker/ingress.py: `open` opens a session on
+    """Stands in for the `AmqpSession` class in broker/amqp/ingress.py: `open` opens a session on
     the memory broker (the real AmqpSession, on fake connection and channels)."""
 
     def __init__(self, broker: "MemoryBroker") -> None:
@@ -243,7 +243,7 @@ class _SessionOpener:
 class MemoryBroker:
     """The server: queues, the outcome stream, every publish, the connections opened.
 
-    `install(monkeypatch)` makes broker/ingress.py open its sessions here. `changes` is
+    `install(monkeypatch)` makes broker/amqp/ingress.py open its sessions here. `changes` is
     notified on every change, for `Changes.until`.
     """
 
@@ -260,7 +260,7 @@ class MemoryBroker:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(broker.ingress, "AmqpSession", _SessionOpener(self))
+        monkeypatch.setattr(broker.amqp.ingress, "AmqpSession", _SessionOpener(self))
 
     def queue(self, name: str) -> MemoryQueue:
         if name not in self.queues:

@@ -3,7 +3,7 @@ whole chain from a queued message to its settlement, wired as broker/daemon.py w
 
 Three levels, smallest first:
 - `RecordingSettlement` and `delivery(...)`: a Delivery with a settlement that records what
-  the code under test did with it (the Delivery/Settlement seam of broker/delivery.py), for
+  the code under test did with it (the Delivery/Settlement seam of broker/tasks/delivery.py), for
   driving TaskProcessor.process directly.
 - `MemoryOutcomeStore`: the real OutcomeStore, its stream the memory broker's (it replays
   what earlier sessions or other daemons appended, as the real one replays swarm.outcomes).
@@ -20,16 +20,16 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from broker.control import ControlProcessor
-from broker.delivery import Delivery, Settlement
-from broker.ingress import Ingress
-from broker.ledger import Ledger
-from broker.outcome import Outcome
-from broker.outcomes import OUTCOMES_QUEUE, OutcomeStore
-from broker.pools import PoolSet
-from broker.processor import TaskProcessor
-from broker.scheduler import Scheduler
+from broker.amqp.ingress import Ingress
+from broker.amqp.outcomes import OUTCOMES_QUEUE, OutcomeStore
+from broker.ops.control import ControlProcessor
+from broker.scheduling.ledger import Ledger
+from broker.scheduling.pools import PoolSet
+from broker.scheduling.scheduler import Scheduler
 from broker.settings import Settings
+from broker.tasks.delivery import Delivery, Settlement
+from broker.tasks.outcome import Outcome
+from broker.tasks.processor import TaskProcessor
 from schemas.codec import decode, encode
 from schemas.topology import CONTENT_TYPE, CONTROL_QUEUE, DEAD_EXCHANGE, TASK_TYPES, task_queue
 from workers.cluster import NodeInfo
@@ -75,12 +75,12 @@ def task_body(task_id: str, handler: str = ASYNC.name, **fields: Any) -> bytes:
 
 
 class RecordingSettlement:
-    """A delivery's settlement (broker/delivery.py) that records what RabbitMQ is told of it,
+    """A delivery's settlement (broker/tasks/delivery.py) that records what RabbitMQ is told of it,
     in `calls`: "ack" or "requeue", in order. `settled` is the first: the one that counts.
 
     Also answers `renewed()` (acknowledged early, its renewal copy queued: an ack on the
     wire) and `hold()` (kept by the task running here: nothing on the wire), which the
-    processor calls where the settlement is a state machine (broker/settlement.py)."""
+    processor calls where the settlement is a state machine (broker/tasks/settlement.py)."""
 
     def __init__(self, changes: Changes | None = None) -> None:
         self.calls: list[str] = []

@@ -48,7 +48,7 @@ class Changes:
 class FakeClock:
     """Wall-clock time (`time()`) and monotonic time (`monotonic()`) that move only when the
     test says so. Installed in place of the `time` module of one module under test
-    (`monkeypatch.setattr(broker.intake, "time", clock)`), so nothing else is affected."""
+    (`monkeypatch.setattr(broker.tasks.intake, "time", clock)`), so nothing else is affected."""
 
     def __init__(self, now_s: float = 1_700_000_000.0) -> None:
         self.now_s = now_s

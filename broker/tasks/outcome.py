@@ -5,11 +5,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from broker.errors import Rejection
-from broker.replies import encode_reply, error_reply
+from broker.tasks.replies import encode_reply, error_reply
 from schemas.reply import Reply, Timing
 
 if TYPE_CHECKING:
-    from broker.active import ActiveTask
+    from broker.tasks.active import ActiveTask
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Outcome:
     pool: str | None = None
     queued_ms: float = 0.0
     run_ms: float = 0.0
-    # W3C trace context headers for the reply (broker/tracing.py); None without a trace.
+    # W3C trace context headers for the reply (broker/ops/tracing.py); None without a trace.
     trace_headers: dict[str, str] | None = None
     # The processor's entry for the run that produced it, ended once the outcome is settled
     # (TaskProcessor.settled); None for outcomes of no run of this daemon's.

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from broker.errors import DeadlinePassed
-from broker.ledger import Ledger
+from broker.scheduling.ledger import Ledger
 from workers.pool import ActorInfo
 from workers.resources import ResourceVector
 

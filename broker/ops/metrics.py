@@ -20,8 +20,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
-from broker.held import HeldBytes
-from broker.outcome import Outcome
+from broker.tasks.held import HeldBytes
+from broker.tasks.outcome import Outcome
 from schemas.topology import TASK_TYPES
 
 log = structlog.get_logger("swarm.metrics")

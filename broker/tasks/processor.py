@@ -12,19 +12,20 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from broker import lease_keeper, tracing
-from broker.active import ActiveTask, ActiveTasks
-from broker.delivery import LEASE_HEADER, Delivery, Settlement
+from broker.amqp.outcomes import OutcomeStore
 from broker.errors import DeadlinePassed, Rejection
-from broker.intake import admit, is_expired
-from broker.leases import LeaseSeal
-from broker.outcome import Outcome, duplicate, held_copy, refused, rejected, succeeded
-from broker.outcomes import OutcomeStore
-from broker.placement import PlacementRules
-from broker.pools import PoolSet
-from broker.scheduler import Scheduler
+from broker.ops import tracing
+from broker.ops.tracing import TRACEPARENT_HEADER, TRACESTATE_HEADER
+from broker.scheduling.placement import PlacementRules
+from broker.scheduling.pools import PoolSet
+from broker.scheduling.scheduler import Scheduler
 from broker.settings import Settings
-from broker.tracing import TRACEPARENT_HEADER, TRACESTATE_HEADER
+from broker.tasks import lease_keeper
+from broker.tasks.active import ActiveTask, ActiveTasks
+from broker.tasks.delivery import LEASE_HEADER, Delivery, Settlement
+from broker.tasks.intake import admit, is_expired
+from broker.tasks.leases import LeaseSeal
+from broker.tasks.outcome import Outcome, duplicate, held_copy, refused, rejected, succeeded
 from schemas.codec import decode, encode
 from schemas.progress import ProgressMessage
 from schemas.task import TaskMessage

@@ -5,17 +5,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from broker.delivery import Delivery
-from broker.intake import describe_validation
-from broker.ledger import Ledger
-from broker.outcome import Outcome
-from broker.outcomes import OutcomeStore
-from broker.pools import PoolSet
-from broker.processor import TaskProcessor
-from broker.replies import encode_reply, error_reply
-from broker.scheduler import Scheduler
+from broker.amqp.outcomes import OutcomeStore
+from broker.ops.shared_read import SharedRead
+from broker.scheduling.ledger import Ledger
+from broker.scheduling.pools import PoolSet
+from broker.scheduling.scheduler import Scheduler
 from broker.settings import Settings
-from broker.shared_read import SharedRead
+from broker.tasks.delivery import Delivery
+from broker.tasks.intake import describe_validation
+from broker.tasks.outcome import Outcome
+from broker.tasks.processor import TaskProcessor
+from broker.tasks.replies import encode_reply, error_reply
 from schemas.codec import DecodeError, decode
 from schemas.control import CancelRequest, parse_control
 from schemas.reply import Reply
@@ -47,7 +47,7 @@ class ControlProcessor:
 
     async def process(self, delivery: Delivery) -> Outcome:
         if delivery.properties_error is not None:
-            # Never act on a request read in part (broker/frames.py salvaged what it could).
+            # Never act on a request read in part (broker/amqp/frames.py salvaged what it could).
             return self._invalid(
                 f"AMQP properties could not be decoded: {delivery.properties_error}"
             )

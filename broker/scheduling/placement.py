@@ -15,7 +15,7 @@ so is a request no alive node could ever hold. Plain logic: no Ray, no AMQP.
 from dataclasses import dataclass, replace
 
 from broker.errors import Rejection
-from broker.ledger import Ledger
+from broker.scheduling.ledger import Ledger
 from broker.settings import Settings
 from schemas.task import TaskMessage
 from workers.pool import PoolSpec

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.settlement import Settlement
+from broker.tasks.settlement import Settlement
 from schemas.topology import DELIVERY_COUNT_HEADER, PROGRESS_HEADER
 
 __all__ = ["LEASE_HEADER", "Delivery", "Settlement"]
@@ -18,7 +18,7 @@ class Delivery:
 
     `properties` holds the original AMQP properties by their aio-pika names, so a dead letter
     can carry them unchanged. `settle_token` is the transport's handle for acknowledging, a
-    state machine that raises on a second ack (broker/settlement.py).
+    state machine that raises on a second ack (broker/tasks/settlement.py).
     """
 
     body: bytes
@@ -36,7 +36,7 @@ class Delivery:
     # salvaged, and the task is answered `malformed` and dead-lettered.
     properties_error: str | None = None
     # 0 for a task as the producer sent it; n for the n-th renewal copy Swarm itself made
-    # (set by the processor once the header's seal verified: broker/leases.py).
+    # (set by the processor once the header's seal verified: broker/tasks/leases.py).
     lease: int = 0
     # Deliveries of the task before this renewal copy was made, carried in its sealed lease
     # header (RabbitMQ counts a copy's deliveries from 0: it is a new message).

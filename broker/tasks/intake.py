@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from broker.delivery import Delivery
 from broker.errors import Rejection
+from broker.tasks.delivery import Delivery
 from schemas.codec import CodecLimits, DecodeError, TooLarge, decode
 from schemas.task import TaskMessage
 from schemas.topology import CONTENT_TYPE

@@ -332,7 +332,7 @@ class Deliveries:
         read_header = getattr(channel, "_Channel__get_content_header", None)
         read_content = getattr(channel, "_read_content", None)
         if read_header is None or read_content is None or not hasattr(channel, "_on_deliver_frame"):
-            raise RuntimeError("aiormq's channel changed: broker/pipelined.py needs updating")
+            raise RuntimeError("aiormq's channel changed: broker/amqp/pipelined.py needs updating")
         self._channel = channel
         self._read_header = read_header
         self._read_content = read_content

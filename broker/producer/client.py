@@ -24,10 +24,10 @@ from aio_pika.abc import (
 )
 from aiormq.abc import DeliveredMessage
 
-from broker.connection import connect
+from broker.amqp.connection import connect
+from broker.amqp.session import CONNECTION_ERRORS
+from broker.amqp.topology import declare
 from broker.errors import BrokerError
-from broker.session import CONNECTION_ERRORS
-from broker.topology import declare
 from schemas.codec import decode, encode
 from schemas.progress import PROGRESS_STATUS, ProgressMessage
 from schemas.reply import Reply

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
-from broker.backfill_files import (
+from broker.producer.backfill_files import (
     AppendLog,
     count_lines,
     default_errors_path,
@@ -37,8 +37,8 @@ from broker.backfill_files import (
     parse_line,
     task_lines,
 )
-from broker.client import SwarmClient
-from broker.ratelimit import TokenBucket
+from broker.producer.client import SwarmClient
+from broker.producer.ratelimit import TokenBucket
 from schemas.reply import Reply
 from schemas.task import TaskMessage
 

@@ -8,10 +8,9 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, DeliveryMode
 from aiormq.abc import DeliveredMessage
 
-from broker.dead_letter import build_dead_letter, kept_properties, original_entries
-from broker.delivery import LEASE_HEADER, Delivery
-from broker.field_table import encode_entry, table_bytes
-from broker.frame_fit import (
+from broker.amqp.dead_letter import build_dead_letter, kept_properties, original_entries
+from broker.amqp.field_table import encode_entry, table_bytes
+from broker.amqp.frame_fit import (
     EncodedHeadersProperties,
     fit_shortstr,
     properties_budget,
@@ -19,10 +18,9 @@ from broker.frame_fit import (
     reply_headers,
     reply_properties_for,
 )
-from broker.outcome import Outcome
-from broker.outcomes import OUTCOMES_QUEUE, OutcomeStore
-from broker.pipelined import PipelinedChannel
-from broker.publish_results import (
+from broker.amqp.outcomes import OUTCOMES_QUEUE, OutcomeStore
+from broker.amqp.pipelined import PipelinedChannel
+from broker.amqp.publish_results import (
     REFUSED,
     RETURNED,
     DeadLetterReason,
@@ -30,7 +28,9 @@ from broker.publish_results import (
     ReplyResult,
     is_nack,
 )
-from broker.renewable_channel import RenewableChannel
+from broker.amqp.renewable_channel import RenewableChannel
+from broker.tasks.delivery import LEASE_HEADER, Delivery
+from broker.tasks.outcome import Outcome
 from schemas.progress import PROGRESS_STATUS
 from schemas.topology import (
     ATTEMPTS_HEADER,
@@ -80,7 +80,7 @@ class Publisher:
         refused, are reported, not raised: the caller dead-letters the reply and counts the
         copy. Raises on a lost channel, or when the record is nacked.
         `stripped` leaves the trace headers out (the last line of defence)."""
-        # The hot path: framed by broker/pipelined.py, no await until the confirms.
+        # The hot path: framed by broker/amqp/pipelined.py, no await until the confirms.
         pipelined = self._pipelined
         wanted_id = delivery.correlation_id or outcome.task_id
         correlation_id = fit_shortstr(wanted_id)
@@ -190,8 +190,8 @@ class Publisher:
         self, delivery: Delivery, outcome: Outcome, reason: DeadLetterReason, *, stripped: bool
     ) -> tuple[str, ...]:
         """The task's dead letter to `swarm.dead` (confirmed), made to fit the frame size
-        (broker/dead_letter.py); returns what was cut. Raises DeadLetterRefused on a nack.
-        Sent on a channel of its own (broker/renewable_channel.py says why)."""
+        (broker/amqp/dead_letter.py); returns what was cut. Raises DeadLetterRefused on a nack.
+        Sent on a channel of its own (broker/amqp/renewable_channel.py says why)."""
         swarm_headers: dict[str, Any] = {
             ERROR_CODE_HEADER: reason.code,
             ERROR_MESSAGE_HEADER: reason.message,

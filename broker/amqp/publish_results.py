@@ -6,8 +6,8 @@ from typing import Any
 
 import aiormq
 
-from broker.delivery import Delivery
-from broker.outcome import Outcome
+from broker.tasks.delivery import Delivery
+from broker.tasks.outcome import Outcome
 from schemas.topology import REPLY_UNDELIVERABLE, UNDELIVERED_REPLY_HEADER
 
 # Why a reply did not reach `reply_to`: RabbitMQ returned it (mandatory, no such queue), or

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import structlog
 
-from broker.ledger import Ledger
-from broker.scheduler import Scheduler
+from broker.scheduling.ledger import Ledger
+from broker.scheduling.scheduler import Scheduler
 from workers.cluster import read_nodes
 from workers.errors import WorkerError
 from workers.outcome import RunOutcome

@@ -14,7 +14,7 @@ Any other call raises SettlementError: a second ack, a requeue after an ack, a h
 delivery already settled. RabbitMQ would answer most of these by closing the channel (an
 unknown delivery tag), taking every other delivery on it along; here they fail where the bug is.
 
-The transport (AMQP in broker/ingress.py, fakes in tests) implements `_send_ack`,
+The transport (AMQP in broker/amqp/ingress.py, fakes in tests) implements `_send_ack`,
 `_send_requeue` and, optionally, `_let_go_of_body`; the state is kept here alone.
 """
 

@@ -12,7 +12,7 @@ connections opened inside `tolerant_frames()` take the new path: the context var
 while the daemon connects, and the reader task aiormq starts then inherits it; every other
 connection (the client's, a test's) decodes as pamqp always did. On the new path the strict
 decoder runs first (the happy path's cost is a slice of the headers table); only when it
-raises is the header salvaged field by field (`broker.salvage`), keeping the body size so the
+raises is the header salvaged field by field (`broker.amqp.salvage`), keeping the body size so the
 body frames still assemble.
 
 Method frames take the same path: a Basic.Deliver whose routing key is not UTF-8 (a
@@ -34,7 +34,7 @@ import pamqp.frame
 from pamqp.base import Frame
 from pamqp.header import ContentHeader
 
-from broker.salvage import lenient_method, salvage_content_header, values_over
+from broker.amqp.salvage import lenient_method, salvage_content_header, values_over
 
 _HEADERS_FLAG = 1 << 13
 _CONTENT_TYPE_FLAG = 1 << 15
@@ -73,7 +73,7 @@ def install() -> None:
     strict_header = getattr(pamqp.frame, "_unmarshal_header_frame", None)
     strict_method = getattr(pamqp.frame, "_unmarshal_method_frame", None)
     if strict_header is None or strict_method is None:
-        raise RuntimeError("pamqp's frame decoders moved: broker/frames.py needs updating")
+        raise RuntimeError("pamqp's frame decoders moved: broker/amqp/frames.py needs updating")
     _strict_decode, _strict_method = strict_header, strict_method
     pamqp.frame._unmarshal_header_frame = _decode_content_header
     pamqp.frame._unmarshal_method_frame = _decode_method

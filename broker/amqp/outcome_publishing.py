@@ -16,7 +16,7 @@ ingress hands the task back to RabbitMQ. Each is an error log line (`publish_str
 
 A dead letter that swarm.dead refuses (a nack) is not dropped: the task stays
 unacknowledged, its handler is not run again, and the dead letter is sent again (on a new
-channel: see broker/renewable_channel.py) after 1 s, 2 s, 4 s, ... up to 30 s between tries
+channel: see broker/amqp/renewable_channel.py) after 1 s, 2 s, 4 s, ... up to 30 s between tries
 until swarm.dead takes it; every refusal is an error log line (`dead_letter_refused`) and
 counts in `swarm_dead_letters_refused`, the tasks held in `swarm_dead_letters_waiting`.
 """
@@ -27,17 +27,17 @@ from typing import TypeVar
 
 import structlog
 
-from broker.delivery import Delivery
-from broker.outcome import Outcome
-from broker.publish_results import (
+from broker.amqp.publish_results import (
     REFUSED,
     DeadLetterReason,
     DeadLetterRefused,
     dead_letter_reason,
 )
-from broker.publish_stats import PublishStats
-from broker.publisher import Publisher
-from broker.session import CONNECTION_ERRORS, AmqpSession
+from broker.amqp.publish_stats import PublishStats
+from broker.amqp.publisher import Publisher
+from broker.amqp.session import CONNECTION_ERRORS, AmqpSession
+from broker.tasks.delivery import Delivery
+from broker.tasks.outcome import Outcome
 
 log = structlog.get_logger("swarm.publishing")
 

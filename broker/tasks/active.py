@@ -3,7 +3,7 @@
 import asyncio
 from dataclasses import dataclass, field
 
-from broker.delivery import Settlement
+from broker.tasks.delivery import Settlement
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Backed by a RabbitMQ stream, `swarm.outcomes`: every final reply (and every cancel of a task
 not seen yet) is appended there, confirmed before the task is acknowledged. A daemon starting,
 or a standby taking over, replays the stream into an in-memory index and then tails it, so
-every daemon answers a duplicate from the same history (broker/outcome_replay.py reads it).
+every daemon answers a duplicate from the same history (broker/amqp/outcome_replay.py reads it).
 
 Why a stream rather than Ray's key-value store or a detached actor: the store must outlive the
 daemon *and* the Ray cluster (an embedded Ray dies with its daemon), be shared with a standby
@@ -27,7 +27,7 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from broker.outcome_replay import OUTCOMES_QUEUE, REPLAY_STALL_S, StreamReader
+from broker.amqp.outcome_replay import OUTCOMES_QUEUE, REPLAY_STALL_S, StreamReader
 from schemas.codec import CodecLimits, decode, encode
 
 __all__ = ["OUTCOMES_QUEUE", "OutcomeStore", "StoredOutcome", "stream_arguments"]

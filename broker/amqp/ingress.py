@@ -13,19 +13,19 @@ from typing import Any
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from broker import memory
-from broker.delivery import Delivery
-from broker.frames import frame_extras
-from broker.held import HeldBytes
-from broker.outcome import Outcome
-from broker.outcome_publishing import OutcomePublishing, PublishAbandoned
-from broker.outcomes import OutcomeStore
-from broker.pipelined import Acks, Deliveries
-from broker.publish_stats import PublishStats
-from broker.queue_depths import QueueDepths
-from broker.session import AmqpSession
-from broker.settlement import Settlement
-from broker.shared_read import SharedRead
+from broker.amqp.frames import frame_extras
+from broker.amqp.outcome_publishing import OutcomePublishing, PublishAbandoned
+from broker.amqp.outcomes import OutcomeStore
+from broker.amqp.pipelined import Acks, Deliveries
+from broker.amqp.publish_stats import PublishStats
+from broker.amqp.queue_depths import QueueDepths
+from broker.amqp.session import AmqpSession
+from broker.ops import memory
+from broker.ops.shared_read import SharedRead
+from broker.tasks.delivery import Delivery
+from broker.tasks.held import HeldBytes
+from broker.tasks.outcome import Outcome
+from broker.tasks.settlement import Settlement
 from schemas.topology import CONTROL_QUEUE, DEAD_QUEUE, TASK_TYPES, task_queue
 
 log = structlog.get_logger("swarm.ingress")
@@ -62,7 +62,7 @@ _PROPERTY_NAMES = (
 def to_delivery(
     message: AbstractIncomingMessage, queue: str, task_type: str | None, acks: Acks
 ) -> Delivery:
-    # The daemon's frame decoder (broker/frames.py) attached the raw headers table and, when a
+    # The daemon's frame decoder (broker/amqp/frames.py) attached the raw headers table and, when a
     # property could not be decoded, what it was; `properties` then holds what was salvaged.
     extras = frame_extras(message)
     return Delivery(
@@ -88,7 +88,7 @@ class _Consumer:
     callback: Callable[..., None]
     task_queue: bool
     # The current session's consume channel: its consumers, and how it acknowledges
-    # (broker/pipelined.py).
+    # (broker/amqp/pipelined.py).
     deliveries: Deliveries | None = None
     acks: Acks | None = None
     tag: str | None = None
@@ -386,7 +386,7 @@ class Ingress:
 
     async def _publish(self, delivery: Delivery, outcome: Outcome, record: bytes | None) -> None:
         """Publish on the current session, and on the next ones if connections drop under
-        it, within the limits and order of broker/outcome_publishing.py (a reply may then
+        it, within the limits and order of broker/amqp/outcome_publishing.py (a reply may then
         arrive twice, with the same body). Raises PublishAbandoned past those limits."""
         await self._outcomes_out.publish(delivery, outcome, record)
 
@@ -486,10 +486,10 @@ def _progress_key(delivery: Delivery) -> int:
 
 
 class AmqpSettlement(Settlement):
-    """Acknowledges or requeues one delivery through its channel's `Acks` (one multiple ack
-    per loop turn, broker/pipelined.py); broker/settlement.py decides which calls are legal
-    (a second ack raises). On a channel that is gone nothing is sent: RabbitMQ redelivers the
-    message, and the redelivery is answered from the outcome store."""
+    """Acknowledges or requeues one delivery through its channel's `Acks` (one multiple ack per loop
+    turn, broker/amqp/pipelined.py); broker/tasks/settlement.py decides which calls are legal (a
+    second ack raises). On a channel that is gone nothing is sent: RabbitMQ redelivers the message,
+    and the redelivery is answered from the outcome store."""
 
     __slots__ = ("_acks", "_message")
 

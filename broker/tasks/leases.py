@@ -23,7 +23,7 @@ import hashlib
 import hmac
 import secrets
 
-from broker.delivery import LEASE_HEADER, Delivery
+from broker.tasks.delivery import LEASE_HEADER, Delivery
 
 
 class LeaseSeal:

@@ -6,11 +6,11 @@ import asyncio
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from broker.connection import connect
-from broker.frames import tolerant_frames
-from broker.pipelined import Acks, Deliveries, PipelinedChannel, TurnWriter
-from broker.publisher import Publisher
-from broker.topology import Topology, declare
+from broker.amqp.connection import connect
+from broker.amqp.frames import tolerant_frames
+from broker.amqp.pipelined import Acks, Deliveries, PipelinedChannel, TurnWriter
+from broker.amqp.publisher import Publisher
+from broker.amqp.topology import Topology, declare
 
 
 class AmqpSession:
@@ -31,7 +31,7 @@ class AmqpSession:
         self.consume_channel = consume_channel
         self.topology = topology
         self.writer = writer
-        # The hot path (broker/pipelined.py): replies, their copies and outcome records go
+        # The hot path (broker/amqp/pipelined.py): replies, their copies and outcome records go
         # on a confirm channel of their own; deliveries of consume_channel are acked here.
         self.acks = acks
         self.deliveries = deliveries

@@ -19,9 +19,9 @@ from typing import Any
 
 import structlog
 
-from broker.active import ActiveTask
-from broker.delivery import Delivery, Settlement
-from broker.leases import LeaseSeal
+from broker.tasks.active import ActiveTask
+from broker.tasks.delivery import Delivery, Settlement
+from broker.tasks.leases import LeaseSeal
 
 log = structlog.get_logger("swarm.leases")
 
@@ -52,7 +52,7 @@ async def keep_lease(
     held: list[Settlement] = []  # copies held since the renewal before: acked at this one
     lease = delivery.lease
     # The copy is the task's next delivery should this run never end: it carries this one in
-    # its count (broker/leases.py), so the redelivery limit holds across copies.
+    # its count (broker/tasks/leases.py), so the redelivery limit holds across copies.
     deliveries = delivery.earlier_deliveries + 1
     while True:
         try:

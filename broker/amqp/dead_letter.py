@@ -2,7 +2,7 @@
 Swarm's own headers appended, and the whole made to fit one content-header frame.
 
 Headers: when the table arrived as raw bytes (`Delivery.raw_headers`), its entries are
-spliced unchanged; otherwise the decoded table is written by `broker.field_table`, never by
+spliced unchanged; otherwise the decoded table is written by `broker.amqp.field_table`, never by
 pamqp's lossy defaults. Swarm's own entries (`x-swarm-error-code`, ...) come after them, and
 an original entry with the same key as one of Swarm's is left out (no duplicate keys).
 
@@ -14,7 +14,7 @@ about 1 KB of that is kept for the header that names it):
 An original property that cannot be written again (salvaged from a malformed header) is
 left out. Each is named in `x-swarm-headers-truncated` (comma-separated, in that order, at
 most 1 KB of names, then ",..."). A *stripped* dead letter (the last line of defence, see
-broker/outcome_publishing.py) keeps no original header, only the `message_id`,
+broker/amqp/outcome_publishing.py) keeps no original header, only the `message_id`,
 `correlation_id`, `content_type` and `delivery_mode` properties, and 256 bytes of message.
 """
 
@@ -25,8 +25,7 @@ from typing import Any
 
 import aiormq
 
-from broker.delivery import Delivery
-from broker.field_table import (
+from broker.amqp.field_table import (
     TableEntry,
     TableError,
     encode_entries,
@@ -35,11 +34,12 @@ from broker.field_table import (
     split_table,
     table_bytes,
 )
-from broker.frame_fit import (
+from broker.amqp.frame_fit import (
     FILLED_MESSAGE_ID_SIZE,
     EncodedHeadersProperties,
     fit_shortstr,
 )
+from broker.tasks.delivery import Delivery
 from schemas.topology import ERROR_MESSAGE_HEADER, ORIGINAL_USER_HEADER, TRUNCATED_HEADER
 
 # The properties a dead letter keeps (by their aio-pika names, as in Delivery.properties).

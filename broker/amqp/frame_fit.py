@@ -17,7 +17,7 @@ from typing import Any
 
 import aiormq
 
-from broker.tracing import TRACEPARENT_HEADER, TRACESTATE_HEADER
+from broker.ops.tracing import TRACEPARENT_HEADER, TRACESTATE_HEADER
 from schemas.topology import CONTENT_TYPE, TRUNCATED_HEADER
 
 PERSISTENT = 2

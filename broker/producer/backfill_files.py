@@ -1,5 +1,5 @@
 """The files of a backfill: its JSONL input read as tasks, and the state and errors files it
-appends to (broker/backfill.py runs it)."""
+appends to (broker/producer/backfill.py runs it)."""
 
 import hashlib
 import json

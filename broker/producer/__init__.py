@@ -1,0 +1,1 @@
+"""What producers run: the Python client, backfill from files, its rate limit."""
