@@ -210,6 +210,34 @@ def test_depth_counts_the_deepest_branch_not_the_first() -> None:
         decode(body, CodecLimits(max_depth=3))
 
 
+def nesting(value: Any) -> int:
+    """The depth of containers, by the definition: 0 for a scalar."""
+    if isinstance(value, dict):
+        return 1 + max((nesting(child) for child in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((nesting(child) for child in value), default=0)
+    return 0
+
+
+nested = st.recursive(
+    st.none() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=2), inner),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300)
+@given(value=nested, max_depth=st.integers(1, 8))
+def test_depth_is_refused_exactly_past_max_depth(value: Any, max_depth: int) -> None:
+    limits = CodecLimits(max_depth=max_depth)
+    body = encode(value)
+    if nesting(value) > max_depth:
+        with pytest.raises(DecodeError, match="deeper"):
+            decode(body, limits)
+    else:
+        assert decode(body, limits) == value
+
+
 def test_mixed_map_and_list_nesting_is_counted() -> None:
     value = {"a": [{"b": [{"c": []}]}]}  # depth 6
     assert decode(encode(value), CodecLimits(max_depth=6)) == value
