@@ -11,7 +11,7 @@ import pytest
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from broker.amqp.pipelined import Acks, PipelinedChannel, TurnWriter
+from broker.amqp.pipelined import Acks, Deliveries, PipelinedChannel, TurnWriter
 
 QUEUE = "pipelined.test"
 
@@ -161,7 +161,8 @@ async def test_acks_of_consumed_deliveries_settle_them_all(
     all_in = asyncio.Event()
 
     async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        acks.delivered(message)
+        assert message.delivery_tag is not None
+        acks.delivered(message.delivery_tag)
         got.append(message)
         if len(got) == 20:
             all_in.set()
@@ -182,3 +183,104 @@ async def test_acks_of_consumed_deliveries_settle_them_all(
     assert left.declaration_result.message_count == 1
     message = await queue.get(timeout=10)
     assert message is not None and message.body == b"7"
+
+
+async def test_a_publish_that_cannot_be_framed_takes_no_sequence_number(
+    connection: aio_pika.abc.AbstractConnection,
+) -> None:
+    """Refused before it is counted: the confirms of the publishes after it stay in step (a
+    counted but unsent publish would take the next confirm, and the last would hang)."""
+    declaring = await connection.channel()
+    await declaring.declare_queue(QUEUE)
+    pipelined, _, _ = await pipelined_on(connection)
+    with pytest.raises(ValueError, match="short string"):
+        pipelined.publish(
+            b"x", exchange="", routing_key="q" * 256, properties=properties(), mandatory=True
+        )
+    returned = pipelined.publish(
+        b"y", exchange="", routing_key="no.such.queue", properties=properties(), mandatory=True
+    )
+    kept = pipelined.publish(
+        b"z", exchange="", routing_key=QUEUE, properties=properties(), mandatory=True
+    )
+    results = await asyncio.wait_for(asyncio.gather(returned, kept), 30)
+    assert isinstance(results[0], DeliveredMessage) and results[0].body == b"y"
+    assert isinstance(results[1], spec.Basic.Ack)
+
+
+async def consuming_through_deliveries(
+    connection: aio_pika.abc.AbstractConnection,
+) -> tuple[Deliveries, Acks]:
+    consuming = await connection.channel()
+    await consuming.set_qos(prefetch_count=10)
+    underlay = await consuming.get_underlay_channel()
+    acks = Acks(underlay, TurnWriter(underlay.write_queue))
+    return Deliveries(underlay, acks), acks
+
+
+async def test_a_delivery_whose_consumer_fails_is_rejected_to_the_dead_letter_exchange(
+    connection: aio_pika.abc.AbstractConnection,
+) -> None:
+    """The reader goes on, and the delivery is neither lost nor left unacked: rejected, so a
+    queue with a dead-letter exchange (Swarm's task queues) dead-letters it."""
+    declaring = await connection.channel()
+    dead = await declaring.declare_queue("pipelined.dead")
+    await declaring.declare_queue(
+        QUEUE,
+        arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "pipelined.dead"},
+    )
+    deliveries, _ = await consuming_through_deliveries(connection)
+    taken: list[bytes] = []
+
+    def consumer(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if message.body == b"bad":
+            raise RuntimeError("a consumer's bug")
+        taken.append(message.body)
+
+    await deliveries.consume(QUEUE, consumer)
+    for body in (b"bad", b"good"):
+        await declaring.default_exchange.publish(aio_pika.Message(body), QUEUE)
+    letter = None
+    for _ in range(300):  # the dead letter's arrival: polled, RabbitMQ offers no event
+        letter = await dead.get(fail=False)
+        if letter is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert letter is not None and letter.body == b"bad"
+    assert taken == [b"good"]
+
+
+async def test_a_delivery_for_a_consumer_no_longer_known_goes_back_to_its_queue(
+    connection: aio_pika.abc.AbstractConnection,
+) -> None:
+    declaring = await connection.channel()
+    queue = await declaring.declare_queue(QUEUE)
+    deliveries, _ = await consuming_through_deliveries(connection)
+    seen: list[bytes] = []
+    tag = await deliveries.consume(QUEUE, lambda message: seen.append(message.body))
+    # As after a cancel RabbitMQ started on its own (the queue deleted under it).
+    deliveries._consumers.pop(tag)
+    await declaring.default_exchange.publish(aio_pika.Message(b"m"), QUEUE)
+    await deliveries.cancel(tag)
+    message = None
+    for _ in range(300):  # requeued: polled, RabbitMQ offers no event
+        message = await queue.get(fail=False)
+        if message is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert message is not None and message.body == b"m" and message.redelivered
+    assert seen == []
+
+
+async def test_drain_waits_until_the_frames_handed_over_are_written(
+    connection: aio_pika.abc.AbstractConnection,
+) -> None:
+    """A clean close drains first: the last turn's acks are not left in the writer."""
+    declaring = await connection.channel()
+    await declaring.declare_queue(QUEUE)
+    pipelined, writer, _ = await pipelined_on(connection)
+    confirm = pipelined.publish(
+        b"x", exchange="", routing_key=QUEUE, properties=properties(), mandatory=False
+    )
+    await asyncio.wait_for(writer.drain(), 30)
+    assert isinstance(await asyncio.wait_for(confirm, 30), spec.Basic.Ack)

@@ -164,7 +164,6 @@ class Ingress:
 
     def _add_consumer(self, queue_name: str, task_type: str | None, process: Processor) -> None:
         def on_message(message: AbstractIncomingMessage, acks: Acks) -> None:
-            acks.delivered(message)
             delivery = to_delivery(message, queue_name, task_type, acks)
             self.received += 1
             self.redelivered += delivery.redelivered

@@ -2,6 +2,7 @@
 publisher. When the connection drops, the ingress throws the session away and opens another."""
 
 import asyncio
+import contextlib
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
@@ -11,6 +12,9 @@ from broker.amqp.frames import tolerant_frames
 from broker.amqp.pipelined import Acks, Deliveries, PipelinedChannel, TurnWriter
 from broker.amqp.publisher import Publisher
 from broker.amqp.topology import Topology, declare
+
+# How long a clean close waits for the frames already handed to the writer.
+DRAIN_AT_CLOSE_S = 2.0
 
 
 class AmqpSession:
@@ -61,7 +65,7 @@ class AmqpSession:
             pipelined = PipelinedChannel(reply_underlay, writer)
             consume_underlay = await consume_channel.get_underlay_channel()
             acks = Acks(consume_underlay, writer)
-            deliveries = Deliveries(consume_underlay)
+            deliveries = Deliveries(consume_underlay, acks)
         except BaseException:
             await connection.close()
             raise
@@ -78,6 +82,10 @@ class AmqpSession:
         )
 
     async def close(self) -> None:
+        if not self.connection.is_closed and not self.lost.is_set():
+            # The last turn's acks (fire and forget on the hot path) reach the socket first.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.writer.drain(), DRAIN_AT_CLOSE_S)
         self.writer.close()
         if not self.connection.is_closed:
             await self.connection.close()

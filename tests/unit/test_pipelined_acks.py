@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass
 
 import pamqp.frame
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pamqp import commands as spec
@@ -19,8 +20,14 @@ class Tagged:
 
 
 class StubChannel:
+    """aiormq's channel as Acks sees it: its number, whether it closed, and RabbitMQ's close
+    (the event aiormq sets before `is_closed` turns true)."""
+
     number = 3
-    is_closed = False
+
+    def __init__(self) -> None:
+        self.is_closed = False
+        self._Channel__close_event = asyncio.Event()
 
 
 def frames(payloads: list[bytes]) -> list[tuple[str, int, bool]]:
@@ -61,7 +68,7 @@ async def a_turn() -> None:
 async def test_a_turns_acks_of_the_oldest_deliveries_are_one_multiple_ack() -> None:
     acks, queue = acks_on(StubChannel())
     for tag in range(1, 6):
-        acks.delivered(Tagged(tag))
+        acks.delivered(tag)
     for tag in (2, 1, 3):
         acks.ack(Tagged(tag))
     await a_turn()
@@ -73,7 +80,7 @@ async def test_a_turns_acks_of_the_oldest_deliveries_are_one_multiple_ack() -> N
 async def test_acks_behind_a_delivery_still_running_go_one_by_one() -> None:
     acks, queue = acks_on(StubChannel())
     for tag in range(1, 5):
-        acks.delivered(Tagged(tag))
+        acks.delivered(tag)
     acks.ack(Tagged(2))
     acks.ack(Tagged(3))
     await a_turn()
@@ -89,7 +96,7 @@ async def test_acks_behind_a_delivery_still_running_go_one_by_one() -> None:
 async def test_a_requeue_goes_after_the_acks_asked_before_it_and_is_never_covered() -> None:
     acks, queue = acks_on(StubChannel())
     for tag in range(1, 4):
-        acks.delivered(Tagged(tag))
+        acks.delivered(tag)
     acks.ack(Tagged(1))
     acks.requeue(Tagged(2))
     acks.ack(Tagged(3))
@@ -97,16 +104,38 @@ async def test_a_requeue_goes_after_the_acks_asked_before_it_and_is_never_covere
     assert frames(written(queue)) == [("ack", 1, True), ("nack", 2, False), ("ack", 3, True)]
 
 
-async def test_nothing_is_written_for_a_channel_that_closed() -> None:
+@pytest.mark.parametrize("how", ["closed", "close_frame_received"])
+async def test_nothing_is_written_for_a_channel_that_closed(how: str) -> None:
+    """Nor after RabbitMQ's Channel.Close was read: a frame after our CloseOk would make
+    RabbitMQ close the whole connection."""
     channel = StubChannel()
     acks, queue = acks_on(channel)
-    acks.delivered(Tagged(1))
-    acks.delivered(Tagged(2))
-    channel.is_closed = True
+    acks.delivered(1)
+    acks.delivered(2)
+    if how == "closed":
+        channel.is_closed = True
+    else:
+        channel._Channel__close_event.set()
     acks.ack(Tagged(1))
     acks.requeue(Tagged(2))
     await a_turn()
     assert written(queue) == []
+
+
+async def test_a_long_held_delivery_costs_single_acks_behind_it_not_memory() -> None:
+    acks, queue = acks_on(StubChannel())
+    for tag in range(1, 10_002):
+        acks.delivered(tag)
+    for tag in range(2, 10_002):
+        acks.ack(Tagged(tag))
+    await a_turn()
+    sent = frames(written(queue))
+    assert len(sent) == 10_000 and all(not multiple for _, _, multiple in sent)
+    assert len(acks._unsettled) == 1  # only the held one is remembered
+    acks.ack(Tagged(1))
+    await a_turn()
+    assert frames(written(queue)) == [("ack", 1, True)]
+    assert not acks._unsettled
 
 
 @settings(max_examples=300, deadline=None)
@@ -123,16 +152,19 @@ def test_any_order_of_settling_acks_each_delivery_once_and_only_once_settled(
     requeued = set(data.draw(st.lists(st.sampled_from(order), max_size=count // 3))) - never
     cuts = sorted(data.draw(st.lists(st.integers(0, count), max_size=8)))
 
+    left: list[int] = []
+
     async def run() -> list[tuple[str, int, bool]]:
         acks, queue = acks_on(StubChannel())
         for tag in range(1, count + 1):
-            acks.delivered(Tagged(tag))
+            acks.delivered(tag)
         settled_order = [tag for tag in order if tag not in never]
         for index, tag in enumerate(settled_order):
             if index in cuts:
                 await a_turn()
             (acks.requeue if tag in requeued else acks.ack)(Tagged(tag))
         await a_turn()
+        left.extend(acks._unsettled)  # memory: only what is still unsettled
         return frames(written(queue))
 
     unacked = set(range(1, count + 1))
@@ -147,3 +179,4 @@ def test_any_order_of_settling_acks_each_delivery_once_and_only_once_settled(
     assert nacked == requeued
     assert acked == set(range(1, count + 1)) - never - requeued
     assert unacked == never
+    assert set(left) == never

@@ -70,3 +70,19 @@ def test_the_frames_are_pamqps(
 def test_a_name_past_a_short_string_is_refused() -> None:
     with pytest.raises(ValueError, match="short string"):
         publish_frames(1, MAX_BODY, b"", "", "q" * 256, aiormq.spec.Basic.Properties(), False)
+
+
+def test_frame_max_zero_means_one_body_frame() -> None:
+    """RabbitMQ may tune frame_max to 0 (no limit): the whole body follows in one frame."""
+    properties = aiormq.spec.Basic.Properties(delivery_mode=2, message_id="m")
+    body = bytes(range(256)) * 40
+    ours = publish_frames(7, 0, body, "", "q", properties, False)
+    expected = b"".join(
+        pamqp.frame.marshal(frame, 7)
+        for frame in (
+            spec.Basic.Publish(exchange="", routing_key="q"),
+            ContentHeader(0, len(body), properties),
+            ContentBody(body),
+        )
+    )
+    assert ours == expected

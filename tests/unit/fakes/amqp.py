@@ -150,9 +150,6 @@ class FakeAcks:
     def __init__(self, channel: "FakeChannel") -> None:
         self.channel = channel
 
-    def delivered(self, message: FakeIncomingMessage) -> None:
-        pass
-
     def ack(self, message: FakeIncomingMessage) -> None:
         if not self.channel.is_closed:
             message.ack_now()
