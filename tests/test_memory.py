@@ -42,6 +42,7 @@ STATUS_GROWTH_KB_PER_REQUEST = 1.0
 DEPTH_READS = 10_000
 LARGE_TASKS = 200
 LARGE_ARGS_BYTES = 4 * MB
+LARGE_TASK_S = 0.25
 HELD_LIMIT_MB = 64
 PREFETCH = 32
 # After the burst, once idle, the daemon's private memory must be back within this of its
@@ -305,7 +306,11 @@ async def test_large_tasks_are_held_by_bytes_and_their_memory_returned(
 
         ids = [f"large-{n}-{uuid.uuid4().hex[:6]}" for n in range(LARGE_TASKS)]
         payload = bytes(LARGE_ARGS_BYTES)
-        bodies = [msgpack.packb(task(id=cid, args=payload)) for cid in ids]
+        # Each run takes a while, so deliveries pile up past the held-bytes limit whatever
+        # the speed of the daemon's own path (an instant echo could settle them as fast as
+        # the producer publishes, and the limit would never be reached).
+        large_args = {"seconds": LARGE_TASK_S, "data": payload}
+        bodies = [msgpack.packb(task(id=cid, handler="sleep", args=large_args)) for cid in ids]
         for start in range(0, LARGE_TASKS, 10):  # 40 MB a window: the test's own memory
             await _publish_all(
                 producer.channel,
@@ -337,7 +342,7 @@ async def test_large_tasks_are_held_by_bytes_and_their_memory_returned(
         assert held_now == 0
         # The bound: the limit, plus what RabbitMQ had sent before the pause took effect (at
         # most one prefetch window of the one task queue in use).
-        body_bytes = len(msgpack.packb(task(id=ids[0], args=payload)))
+        body_bytes = len(msgpack.packb(task(id=ids[0], handler="sleep", args=large_args)))
         assert held_peak <= HELD_LIMIT_MB * MB + PREFETCH * body_bytes
         assert _count(daemon, "task_consumers_paused") >= 1
         assert idle_private_mb <= start_private_mb + IDLE_BUDGET_MB
