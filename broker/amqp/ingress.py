@@ -42,7 +42,7 @@ PROGRESS_WAITING = 16
 
 Processor = Callable[[Delivery], Awaitable[Outcome]]
 
-_PROPERTY_NAMES = (
+PROPERTY_NAMES = (
     "content_type",
     "content_encoding",
     "headers",
@@ -69,7 +69,7 @@ def to_delivery(
         body=message.body,
         queue=queue,
         task_type=task_type,
-        properties={name: getattr(message, name, None) for name in _PROPERTY_NAMES},
+        properties={name: getattr(message, name, None) for name in PROPERTY_NAMES},
         redelivered=bool(message.redelivered),
         received_at_s=time.monotonic(),
         settle_token=AmqpSettlement(message, acks),

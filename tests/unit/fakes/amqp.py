@@ -16,27 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import aio_pika
 
+from broker.amqp.ingress import PROPERTY_NAMES
+
 if TYPE_CHECKING:
     from .server import MemoryBroker, MemoryQueue, Message
 
 # RabbitMQ's default frame_max: the budget replies and dead letters are fitted to.
 FRAME_MAX = 131072
-# The AMQP properties a delivery carries, by aio-pika's names (broker/amqp/ingress.py reads these).
-PROPERTY_NAMES = (
-    "content_type",
-    "content_encoding",
-    "headers",
-    "delivery_mode",
-    "priority",
-    "correlation_id",
-    "reply_to",
-    "expiration",
-    "message_id",
-    "timestamp",
-    "type",
-    "user_id",
-    "app_id",
-)
 
 
 class Callbacks:
