@@ -46,6 +46,8 @@ class Daemon:
             self.scheduler,
             settings.pool_idle_s,
             actor_env=settings.actor_environment(),
+            scale_up_timeout_s=settings.scale_up_timeout_s,
+            autoscaler_config=settings.autoscaler_config,
         )
         self._ingress: Ingress | None = None
         self.metrics = DaemonMetrics()
@@ -154,6 +156,7 @@ class Daemon:
         for name in sorted(self.pools.names):
             view = self.scheduler.ledger.pool_view(name)
             view["waiting"] = self.scheduler.waiting(name)
+            view["scale_up_actors"] = self.pools.scale_up(name)
             pools[name] = view
         nodes = [self.scheduler.ledger.node_view(n) for n in self.scheduler.ledger.alive_nodes()]
         return ClusterView(

@@ -32,6 +32,20 @@ class DeadlinePassed(BrokerError):
         self.deadline = deadline
 
 
+class ScaleUpTimedOut(BrokerError):
+    """A control signal, not a fault: a task waited for a pool with no actor while the cluster
+    was asked to grow, and no node that could hold one came within the scale-up timeout (the
+    task is answered `unsatisfiable`)."""
+
+    def __init__(self, pool: str, timeout_s: float) -> None:
+        super().__init__(
+            f"the {pool!r} pool has no actor and the cluster's autoscaler added no node that "
+            f"could hold one within {timeout_s:g} s (SWARM_SCALE_UP_TIMEOUT_S)"
+        )
+        self.pool = pool
+        self.timeout_s = timeout_s
+
+
 @dataclass(frozen=True)
 class Rejection:
     """A task answered without running: the wire error code, a message, and the id if known.

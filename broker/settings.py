@@ -124,6 +124,17 @@ class Settings(BaseSettings):
     pool_start_timeout_s: float = Field(
         default=60.0, gt=0, description="how long an actor may take to be placed and start"
     )
+    scale_up_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="on a cluster with an autoscaler: how long tasks wait for a pool with no "
+        "actor while the cluster is asked to grow, before they are answered unsatisfiable",
+    )
+    autoscaler_config: Path | None = Field(
+        default=None,
+        description="the Ray autoscaler's cluster config (YAML): its node types, where Ray "
+        "does not expose them (the v1 autoscaler); setting it marks the cluster elastic",
+    )
     defaults_training: dict[str, float] = Field(
         default=TASK_DEFAULTS["training"], description="resources of a training task (JSON)"
     )

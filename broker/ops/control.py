@@ -93,6 +93,7 @@ class ControlProcessor:
                     "min_actors": spec.min_size,
                     "max_actors": spec.max_size,
                     "waiting": self._scheduler.waiting(name),
+                    "scale_up_actors": self._pools.scale_up(name),
                 }
             )
             pools[name] = view

@@ -81,6 +81,12 @@ class DaemonMetrics:
         self.pool_waiting = Gauge(
             "swarm_pool_waiting", "Tasks waiting for room per pool", ["pool"], registry=r
         )
+        self.pool_scale_up = Gauge(
+            "swarm_pool_scale_up_actors",
+            "Actors per pool the cluster's autoscaler is asked to make room for (pending)",
+            ["pool"],
+            registry=r,
+        )
         self.pool_reserved = Gauge(
             "swarm_pool_reserved",
             "Resources a pool's actors reserve",
@@ -156,6 +162,7 @@ class DaemonMetrics:
             self.pool_actors.labels(name).set(pool["actors"])
             self.pool_running.labels(name).set(pool["running"])
             self.pool_waiting.labels(name).set(pool["waiting"])
+            self.pool_scale_up.labels(name).set(pool.get("scale_up_actors", 0))
             for resource in RESOURCES:
                 self.pool_reserved.labels(name, resource).set(pool["reserved"][resource])
                 self.pool_free.labels(name, resource).set(pool["free"][resource])

@@ -18,9 +18,11 @@ def render_status(answer: dict[str, Any], console: Console | None = None) -> Non
 def status_view(answer: dict[str, Any], caption: str | None = None) -> RenderableType:
     """Pools, nodes and queues as tables, and the limits in force."""
     pools = Table(title="pools")
-    for column in ("pool", "actors", "reserved", "free", "running", "waiting"):
+    for column in ("pool", "actors", "reserved", "free", "running", "waiting", "scale-up"):
         pools.add_column(column)
     for name, view in answer["pools"].items():
+        # Older daemons do not report it; a pending scale-up is shown as the actors asked for.
+        scale_up = view.get("scale_up_actors", 0)
         pools.add_row(
             name,
             str(view["actors"]),
@@ -28,6 +30,7 @@ def status_view(answer: dict[str, Any], caption: str | None = None) -> Renderabl
             _fmt(view["free"]),
             str(view["running"]),
             str(view["waiting"]),
+            f"+{scale_up} asked" if scale_up else "-",
         )
     nodes = Table(title="nodes")
     for column in ("node", "alive", "total", "reserved", "free", "actors", "running"):

@@ -9,13 +9,14 @@
 5. `cpu` otherwise.
 
 A pool that does not run, or whose actors are too small for the request, is `unsatisfiable`;
-so is a request no alive node could ever hold. Plain logic: no Ray, no AMQP.
+so is a request no alive node could ever hold (nor, on a cluster with an autoscaler, any node
+type it can add: broker/scheduling/elastic.py). Plain logic: no Ray, no AMQP.
 """
 
 from dataclasses import dataclass, replace
 
 from broker.errors import Rejection
-from broker.scheduling.ledger import Ledger
+from broker.scheduling.elastic import Capacity
 from broker.settings import Settings
 from schemas.task import TaskMessage
 from workers.pool import PoolSpec
@@ -44,7 +45,7 @@ class PlacementRules:
         self._memory_threshold_mb = settings.memory_task_threshold_mb
 
     def place(
-        self, task: TaskMessage, running: dict[str, PoolSpec], ledger: Ledger
+        self, task: TaskMessage, running: dict[str, PoolSpec], capacity: Capacity
     ) -> Placement | Rejection:
         given = task.resources
         default = self._defaults[task.type]
@@ -66,11 +67,11 @@ class PlacementRules:
             pool = "cpu"
         if pool == "gpu" and not names_gpus and request.gpus == 0:
             request = replace(request, gpus=self._gpu_defaults.get(task.type, 0.0))
-        if not ledger.could_ever_fit(request):
+        if not capacity.could_ever_fit(request):
             return Rejection(
                 "unsatisfiable",
                 f"no node of the cluster can ever hold {request.as_dict()}; "
-                f"the largest node has {ledger.largest_node().as_dict()}",
+                f"the largest node has {capacity.largest_node().as_dict()}",
             )
         spec = running.get(pool)
         if spec is not None and spec.shape.memory_mb == 0:

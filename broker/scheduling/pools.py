@@ -4,16 +4,24 @@ A pool starts when some node of the cluster can hold one of its actors (the GPU 
 node with GPUs; the memory pool a node marked with the memory-node resource), with its minimum
 of actors. It grows by one actor at a time while tasks wait for it and the ledger shows a node
 with room, up to its maximum, and retires actors idle for `pool_idle_s` down to its minimum.
+
+On a cluster with an autoscaler, a pool also starts when one of the autoscaler's node types
+could hold its actor, with no actor if no node present can; while it wants actors that no
+node has room for, the autoscaler is asked for them (broker/scheduling/elastic.py).
 """
 
 import asyncio
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 
+from broker.errors import ScaleUpTimedOut
+from broker.scheduling.elastic import ElasticCapacity, ScaleUps, actors_wanted
 from broker.scheduling.ledger import Ledger
 from broker.scheduling.scheduler import Scheduler
+from workers import autoscaling
 from workers.cluster import read_nodes
 from workers.errors import WorkerError
 from workers.outcome import RunOutcome
@@ -32,6 +40,9 @@ class PoolSet:
         scheduler: Scheduler,
         idle_s: float = 60.0,
         actor_env: dict[str, str] | None = None,
+        *,
+        scale_up_timeout_s: float = 600.0,
+        autoscaler_config: Path | None = None,
     ) -> None:
         self._specs = {spec.name: spec for spec in specs}
         self._handler_modules = list(handler_modules)
@@ -46,6 +57,13 @@ class PoolSet:
         self._sizing_needed = asyncio.Event()
         self._sizer: asyncio.Task[None] | None = None
         scheduler.on_pool_waiting = lambda pool: self._sizing_needed.set()
+        self._autoscaler_config = autoscaler_config
+        # Set at start: whether an autoscaler can add nodes, and what they could hold.
+        self.elastic = False
+        self.capacity = ElasticCapacity(self._ledger)
+        self._scale_ups = ScaleUps(scale_up_timeout_s)
+        self._requested: list[dict[str, float]] = []
+        self._memory_in_requests = False
 
     @property
     def names(self) -> set[str]:
@@ -63,10 +81,16 @@ class PoolSet:
     def spec(self, name: str) -> PoolSpec:
         return self._pools[name].spec
 
+    def scale_up(self, name: str) -> int:
+        """Actors of pool `name` the autoscaler is asked for (0: none pending)."""
+        return self._scale_ups.actors(name)
+
     async def start(self) -> None:
         await self.refresh_nodes()
+        await self._discover_elasticity()
         for spec in self._specs.values():
-            if not self._ledger.could_host(spec.shape, spec.custom_resources):
+            now = self._ledger.could_host(spec.shape, spec.custom_resources)
+            if not now and not (self.elastic and self.capacity.could_host(spec)):
                 log.info(
                     "pool_not_started",
                     reason="no_node_can_hold_actor",
@@ -78,14 +102,17 @@ class PoolSet:
             pool = RayActorPool(spec, self._handler_modules, self._actor_env)
             self._pools[spec.name] = pool
             self._running[spec.name] = spec
-            for info in await pool.start():
-                self._ledger.add_actor(info)
+            if now:
+                for info in await pool.start():
+                    self._ledger.add_actor(info)
             log.info(
                 "pool_started",
                 pool=spec.name,
-                actors=spec.min_size,
+                actors=len(pool.actors),
+                min_actors=spec.min_size,
                 max_actors=spec.max_size,
                 shape=spec.shape.as_dict(),
+                scales_from_zero=not now,
             )
         if "cpu" not in self._pools:
             raise WorkerError(
@@ -93,6 +120,23 @@ class PoolSet:
                 "SWARM_CPU_ACTOR_CPUS or add nodes"
             )
         self._sizer = asyncio.create_task(self._size_pools())
+
+    async def _discover_elasticity(self) -> None:
+        """Whether an autoscaler can add nodes: the node types it can add, where known."""
+        path = self._autoscaler_config
+        node_types = await asyncio.to_thread(autoscaling.node_types_from_ray)
+        if node_types is None and path is not None:
+            node_types = await asyncio.to_thread(autoscaling.read_config_file, path)
+        self.elastic = node_types is not None
+        if node_types is None:
+            return
+        types = node_types
+        self.capacity = ElasticCapacity(self._ledger, types)
+        self._memory_in_requests = any(t.declares_memory for t in types)
+        log.info(
+            "cluster_elastic",
+            node_types={t.name: {**t.total.as_dict(), **t.custom} for t in types},
+        )
 
     async def refresh_nodes(self) -> None:
         """Read the cluster's nodes into the ledger; replace actors on nodes that are gone."""
@@ -172,18 +216,30 @@ class PoolSet:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._sizing_needed.wait(), SIZING_PERIOD_S)
             self._sizing_needed.clear()
+            if self._scale_ups.any:
+                # Nodes the autoscaler adds are seen within a sizing period, not a refresh's.
+                try:
+                    await self.refresh_nodes()
+                except Exception as exc:
+                    log.warning("node_refresh_failed", error=str(exc))
             for name, pool in self._pools.items():
                 self._size(name, pool)
+            if self.elastic:
+                await self._request_scale_up()
 
     def _size(self, name: str, pool: RayActorPool) -> None:
         spec = pool.spec
-        if self._growing.get(name, 0):
-            return  # one actor at a time: the next decision sees the ledger with it
         count = len(pool.actors)
+        growing = self._growing.get(name, 0)
+        room = self._ledger.room_for_actor(spec.shape, spec.custom_resources)
+        if self.elastic:
+            self._plan_scale_up(name, spec, count, growing, room)
+        if growing:
+            return  # one actor at a time: the next decision sees the ledger with it
         wanted = count < spec.min_size or (
             self._scheduler.waiting(name) > 0 and count < spec.max_size
         )
-        if wanted and self._ledger.room_for_actor(spec.shape, spec.custom_resources):
+        if wanted and room:
             self._grow(name, pool)
             return
         if count > spec.min_size and self._scheduler.waiting(name) == 0:
@@ -191,6 +247,44 @@ class PoolSet:
                 self._ledger.remove_actor(key)
                 pool.remove(key)
                 log.info("idle_actor_retired", pool=name, actor=key)
+
+    def _plan_scale_up(
+        self, name: str, spec: PoolSpec, count: int, growing: int, room: bool
+    ) -> None:
+        wanted = actors_wanted(spec, count, growing, self._scheduler.waiting_requests(name))
+        # The actor about to start where there is room needs nothing from the autoscaler.
+        self._scale_ups.set(name, max(0, wanted - (1 if room and not growing else 0)))
+        if not self._scale_ups.timed_out(name) or count or growing:
+            return
+        error = ScaleUpTimedOut(name, self._scale_ups.timeout_s)
+        ended = self._scheduler.reject_waiting(name, error)
+        log.warning("scale_up_timed_out", pool=name, tasks_answered=ended, error=str(error))
+
+    async def _request_scale_up(self) -> None:
+        """Ask the autoscaler for a cluster holding every actor plus the pending ones; withdraw
+        the request once nothing is pending (idle nodes can then be removed)."""
+        bundles: list[dict[str, float]] = []
+        if self._scale_ups.any:
+            memory = self._memory_in_requests
+            for pool in self._pools.values():
+                shape = autoscaling.bundle(
+                    pool.spec.shape, pool.spec.custom_resources, memory=memory
+                )
+                actors = len(pool.actors) + self._scale_ups.actors(pool.spec.name)
+                bundles.extend([shape] * actors)
+        if bundles == self._requested:
+            return
+        try:
+            await asyncio.to_thread(autoscaling.request_resources, bundles)
+        except Exception as exc:
+            log.warning("scale_up_request_failed", error=str(exc))
+            return
+        self._requested = bundles
+        log.info(
+            "scale_up_requested" if bundles else "scale_up_withdrawn",
+            pending={name: self._scale_ups.actors(name) for name in self._pools},
+            bundles=len(bundles),
+        )
 
     def _grow(self, name: str, pool: RayActorPool) -> None:
         self._growing[name] = self._growing.get(name, 0) + 1
@@ -205,6 +299,7 @@ class PoolSet:
             finally:
                 self._growing[name] -= 1
             self._ledger.add_actor(info)
+            self._scale_ups.progressed(name)
             if info.node_id not in self._ledger.nodes:
                 await self.refresh_nodes()  # Ray placed it on a node that joined since
             log.info(
@@ -220,6 +315,13 @@ class PoolSet:
     def stop(self) -> None:
         if self._sizer is not None:
             self._sizer.cancel()
+        if self._requested:
+            # Withdrawn, or the autoscaler would keep nodes for a daemon that is gone.
+            try:
+                autoscaling.request_resources([])
+            except Exception as exc:
+                log.warning("scale_up_withdraw_failed", error=str(exc))
+            self._requested = []
         for task in self._background:
             task.cancel()
         for pool in self._pools.values():

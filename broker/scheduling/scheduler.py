@@ -61,6 +61,24 @@ class Scheduler:
     def waiting(self, pool: str) -> int:
         return len(self._waiting.get(pool, ()))
 
+    def waiting_requests(self, pool: str) -> Counter[ResourceVector]:
+        """How many waiters of `pool` ask each distinct request (a copy)."""
+        return Counter(self._requests.get(pool, ()))
+
+    def reject_waiting(self, pool: str, error: Exception) -> int:
+        """End every wait of `pool` with `error`; returns how many ended."""
+        queue = self._waiting.get(pool)
+        if not queue:
+            return 0
+        ended = 0
+        for waiter in queue:
+            self._gone(pool, waiter)
+            if not waiter.placed.done():
+                waiter.placed.set_exception(error)
+                ended += 1
+        queue.clear()
+        return ended
+
     async def acquire(
         self,
         pool: str,

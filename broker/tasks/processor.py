@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from broker.amqp.outcomes import OutcomeStore
-from broker.errors import DeadlinePassed, Rejection
+from broker.errors import DeadlinePassed, Rejection, ScaleUpTimedOut
 from broker.ops import tracing
 from broker.ops.tracing import TRACEPARENT_HEADER, TRACESTATE_HEADER
 from broker.scheduling.placement import PlacementRules
@@ -209,7 +209,7 @@ class TaskProcessor:
                 task.type,
                 queued_ms=_ms_since(delivery),
             )
-        placement = self._rules.place(task, self._pools.running, self._scheduler.ledger)
+        placement = self._rules.place(task, self._pools.running, self._pools.capacity)
         if isinstance(placement, Rejection):
             return rejected(placement, task.type, task.id)
         # A timer, not a task: most tasks end long before their first renewal, and a timer is
@@ -282,6 +282,13 @@ class TaskProcessor:
                 )
             except DeadlinePassed:
                 return self._expired(task, active.attempts, _ms_since(delivery) - ran_ms)
+            except ScaleUpTimedOut as exc:
+                return rejected(
+                    Rejection("unsatisfiable", str(exc), task.id),
+                    task.type,
+                    attempts=active.attempts,
+                    queued_ms=_ms_since(delivery) - ran_ms,
+                )
             started = time.monotonic()
             lost: WorkerLost | None = None
             try:

@@ -55,6 +55,7 @@ class ScriptedPools:
         default_factory=lambda: {"cpu": PoolSpec("cpu", 1, 1, CPU_SHAPE)}
     )
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    capacity: Ledger = field(default_factory=Ledger)  # what placement asks: the nodes present
     started: list[str] = field(default_factory=list)
     in_progress: Counter[str] = field(default_factory=Counter)
     most_at_once: Counter[str] = field(default_factory=Counter)
@@ -118,7 +119,7 @@ def make_harness(**settings: Any) -> Harness:
     ledger.set_nodes([NodeInfo("n1", True, "10.0.0.1", ResourceVector(8.0, 0.0, 16384))])
     ledger.add_actor(ActorInfo("cpu-0", "cpu", "n1", CPU_SHAPE, 64))
     scheduler = Scheduler(ledger)
-    pools = ScriptedPools()
+    pools = ScriptedPools(capacity=ledger)
     store = OutcomeStore(retention_s=3600)
     processor = TaskProcessor(
         config,

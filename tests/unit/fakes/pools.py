@@ -120,6 +120,7 @@ class FakePools:
         self._node_id = node_id
         self._serial = itertools.count()
         self.running: dict[str, PoolSpec] = {s.name: s for s in specs}
+        self.capacity = self._ledger  # a fixed cluster: placement asks the nodes present
         self.calls: list[RunCall] = []
         self._unseen: deque[RunCall] = deque()
         self._script: deque[RunOutcome | BaseException] = deque()
