@@ -13,7 +13,7 @@ so is a request no alive node could ever hold (nor, on a cluster with an autosca
 type it can add: broker/scheduling/elastic.py). Plain logic: no Ray, no AMQP.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from broker.errors import Rejection
 from broker.scheduling.elastic import Capacity
@@ -65,8 +65,12 @@ class PlacementRules:
             pool = "memory"
         else:
             pool = "cpu"
+        # New vectors, not dataclasses.replace: this runs for every task, and replace costs
+        # as much as the rest of the rules together.
         if pool == "gpu" and not names_gpus and request.gpus == 0:
-            request = replace(request, gpus=self._gpu_defaults.get(task.type, 0.0))
+            request = ResourceVector(
+                request.cpus, self._gpu_defaults.get(task.type, 0.0), request.memory_mb
+            )
         if not capacity.could_ever_fit(request):
             return Rejection(
                 "unsatisfiable",
@@ -74,10 +78,10 @@ class PlacementRules:
                 f"the largest node has {capacity.largest_node().as_dict()}",
             )
         spec = running.get(pool)
-        if spec is not None and spec.shape.memory_mb == 0:
+        if spec is not None and spec.shape.memory_mb == 0 and request.memory_mb:
             # Only memory actors reserve memory from Ray; elsewhere memory_mb steers routing
             # (above) but is not a share of the actor that the ledger could account.
-            request = replace(request, memory_mb=0)
+            request = ResourceVector(request.cpus, request.gpus, 0)
         return self._check(pool, request, running)
 
     def _check(

@@ -1,9 +1,10 @@
 """The scheduler: an actor with room for each task, waiting by priority when there is none.
 
-Plain asyncio and the ledger; no Ray, no AMQP. Waiting tasks form one list per pool,
-served highest `priority` first and then first come; when room frees up, waiters are tried
-in that order and any that fits is placed (a large waiter does not block a small one
-behind it).
+Plain asyncio and the ledger; no Ray, no AMQP. Waiting tasks of a pool are served highest
+`priority` first and then first come; when room frees up, waiters are tried in that order and
+any that fits is placed (a large waiter does not block a small one behind it). They are kept
+in one list per pool and distinct request, so a wake tries the waiters it places and at most
+one more per request, however many wait.
 
 Two listeners watch the waiting: the pools (a pool with waiters may grow) and the ingress (a
 queue with too many waiters stops being consumed, so its backlog stays in RabbitMQ).
@@ -17,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import Any
 
 from broker.errors import DeadlinePassed
 from broker.scheduling.ledger import Ledger
@@ -24,7 +26,7 @@ from workers.pool import ActorInfo
 from workers.resources import ResourceVector
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Waiter:
     order: tuple[int, int]  # (-priority, arrival): sorting by it gives the service order
     request: ResourceVector = field(compare=False)
@@ -35,14 +37,19 @@ class _Waiter:
 _SERVICE_ORDER = attrgetter("order")
 
 
+def _head_order(entry: list[Any]) -> tuple[int, int]:
+    """In a wake: the service order of the next waiter of one request."""
+    order: tuple[int, int] = entry[1][entry[2]].order
+    return order
+
+
 class Scheduler:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        # Per pool, in service order (kept sorted as waiters arrive, not sorted per wake).
-        self._waiting: dict[str, list[_Waiter]] = {}
-        # Per pool, how many waiters ask each distinct request: with one distinct request (the
-        # usual case: one task type per pool), a wake stops at the first that does not fit.
-        self._requests: dict[str, Counter[ResourceVector]] = {}
+        # Per pool and distinct request (usually one or two per pool: one per task type), the
+        # waiters in service order (kept sorted as waiters arrive, not sorted per wake). A list
+        # is never empty: it goes with its last waiter.
+        self._waiting: dict[str, dict[ResourceVector, list[_Waiter]]] = {}
         self._waiting_by_tag: dict[str, int] = {}
         self._arrival = itertools.count()
         self.on_pool_waiting: Callable[[str], None] = lambda pool: None
@@ -59,24 +66,24 @@ class Scheduler:
         self.on_tag_waiting(tag, count)
 
     def waiting(self, pool: str) -> int:
-        return len(self._waiting.get(pool, ()))
+        return sum(map(len, self._waiting.get(pool, {}).values()))
 
     def waiting_requests(self, pool: str) -> Counter[ResourceVector]:
         """How many waiters of `pool` ask each distinct request (a copy)."""
-        return Counter(self._requests.get(pool, ()))
+        return Counter({request: len(q) for request, q in self._waiting.get(pool, {}).items()})
 
     def reject_waiting(self, pool: str, error: Exception) -> int:
         """End every wait of `pool` with `error`; returns how many ended."""
-        queue = self._waiting.get(pool)
-        if not queue:
+        queues = self._waiting.get(pool)
+        if not queues:
             return 0
+        waiters = sorted((w for q in queues.values() for w in q), key=_SERVICE_ORDER)
+        queues.clear()
         ended = 0
-        for waiter in queue:
-            self._gone(pool, waiter)
+        for waiter in waiters:
             if not waiter.placed.done():
                 waiter.placed.set_exception(error)
                 ended += 1
-        queue.clear()
         return ended
 
     async def acquire(
@@ -93,18 +100,20 @@ class Scheduler:
         going at `deadline_s` (unix seconds, the task's `deadline`) ends then, with
         DeadlinePassed: the task is answered `expired` when its deadline passes, not when
         room frees up, and leaves the waiting list at once."""
-        queue = self._waiting.setdefault(pool, [])
-        if not queue:
+        queues = self._waiting.setdefault(pool, {})
+        if not queues:
             placed = self.ledger.place(pool, request)
             if placed is not None:
                 return placed
         loop = asyncio.get_running_loop()
         waiter = _Waiter((-priority, next(self._arrival)), request, loop.create_future(), tag)
-        if queue and waiter.order < queue[-1].order:
+        queue = queues.get(request)
+        if queue is None:
+            queues[request] = [waiter]
+        elif waiter.order < queue[-1].order:
             bisect.insort(queue, waiter, key=_SERVICE_ORDER)  # a higher priority
         else:
             queue.append(waiter)
-        self._requests.setdefault(pool, Counter())[request] += 1
         self._count(tag, +1)
         # Backfill: the newcomer may fit now even though the waiters ahead of it do not.
         self.wake(pool)
@@ -145,47 +154,40 @@ class Scheduler:
 
     def wake(self, pool: str) -> None:
         """Place as many waiters of `pool` as now fit, in priority order."""
-        queue = self._waiting.get(pool)
-        if not queue:
+        queues = self._waiting.get(pool)
+        if not queues:
             return
-        requests = self._requests[pool]
-        # One distinct request: once one does not fit, none behind it does.
-        uniform = len(requests) == 1
-        kept: list[_Waiter] = []
-        # Requests that found no room: a waiter asking at least as much cannot fit either,
-        # so it is kept without searching the actors again.
-        unplaceable: list[ResourceVector] = []
-        for index, waiter in enumerate(queue):
-            if waiter.placed.done():  # cancelled: its acquire finds it gone
-                self._gone(pool, waiter)
-                continue
-            if unplaceable and any(failed.fits_in(waiter.request) for failed in unplaceable):
-                kept.append(waiter)
-                continue
-            placed = self.ledger.place(pool, waiter.request)
-            if placed is None:
-                if uniform:
-                    for behind in queue[index:]:
-                        if behind.placed.done():
-                            self._gone(pool, behind)
-                        else:
-                            kept.append(behind)
-                    break
-                kept.append(waiter)
-                unplaceable.append(waiter.request)
-            else:
-                self._gone(pool, waiter)
+        # Per distinct request: [request, its waiters, how many of them were placed (or had
+        # been cancelled: their acquire finds them gone)]. Lists, not dicts keyed by the
+        # request: a vector's hash is Python code, and this runs for every finished task.
+        entries: list[list[Any]] = [[request, queue, 0] for request, queue in queues.items()]
+        tried = entries.copy()  # the requests still worth trying
+        while tried:
+            # The first waiter in service order among the requests still tried.
+            entry = tried[0] if len(tried) == 1 else min(tried, key=_head_order)
+            request, queue, index = entry
+            waiter = queue[index]
+            if not waiter.placed.done():
+                placed = self.ledger.place(pool, request)
+                if placed is None:
+                    # No room for it: none for any request asking at least as much either,
+                    # so their waiters are left as they are.
+                    tried = [other for other in tried if not request.fits_in(other[0])]
+                    continue
                 waiter.placed.set_result(placed)
-        queue[:] = kept
-
-    def _gone(self, pool: str, waiter: _Waiter) -> None:
-        requests = self._requests[pool]
-        requests[waiter.request] -= 1
-        if requests[waiter.request] <= 0:
-            del requests[waiter.request]
+            entry[2] = index = index + 1
+            if index == len(queue):
+                tried.remove(entry)
+        for request, queue, count in entries:
+            if count:
+                del queue[:count]
+                if not queue:
+                    del queues[request]
 
     def _forget(self, pool: str, waiter: _Waiter) -> None:
-        queue = self._waiting.get(pool, [])
-        if waiter in queue:
+        queues = self._waiting.get(pool, {})
+        queue = queues.get(waiter.request)
+        if queue is not None and waiter in queue:
             queue.remove(waiter)
-            self._gone(pool, waiter)
+            if not queue:
+                del queues[waiter.request]
