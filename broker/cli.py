@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from pydantic import SecretStr
 
 from broker.settings import CONFIG_ENV, Settings
 from schemas.errors import SwarmError
 
 if TYPE_CHECKING:
     from broker.producer.backfill import BackfillSummary
+    from broker.producer.client import SwarmClient
 
 app = typer.Typer(
     help="Swarm: a resource-aware task broker between RabbitMQ and Ray.",
@@ -50,6 +52,13 @@ def _settings() -> Settings:
     except (ValueError, OSError) as exc:  # pydantic's ValidationError is a ValueError
         typer.echo(f"swarm: invalid configuration: {exc}", err=True)
         raise typer.Exit(code=2) from None
+
+
+def _client(settings: Settings) -> "SwarmClient":
+    """A producers' client on the nodes of AMQP_URL (in the order SWARM_AMQP_SHUFFLE says)."""
+    from broker.producer.client import SwarmClient
+
+    return SwarmClient(settings.amqp_url.get_secret_value(), shuffle=settings.amqp_shuffle)
 
 
 def _run_async(coro: Any) -> Any:
@@ -91,15 +100,15 @@ def submit(
     wait_s: Annotated[float, typer.Option("--wait", help="seconds to wait for the reply")] = 60.0,
 ) -> None:
     """Submit one task and print its reply as JSON."""
-    from broker.producer.client import SwarmClient
-
     try:
         parsed = json.loads(args)
     except json.JSONDecodeError as exc:
         _fail(ValueError(f"--args is not JSON: {exc}"))
 
+    settings = _settings()
+
     async def go() -> dict[str, Any]:
-        async with SwarmClient(_settings().amqp_url.get_secret_value()) as client:
+        async with _client(settings) as client:
             reply = await client.submit(
                 task_type, handler, parsed, timeout_s=wait_s, priority=priority, pool=pool
             )
@@ -127,7 +136,12 @@ def backfill(
     ] = None,
     amqp_url: Annotated[
         str | None,
-        typer.Option("--amqp-url", help="RabbitMQ URL (default: AMQP_URL)", show_default=False),
+        typer.Option(
+            "--amqp-url",
+            help="RabbitMQ URL, or the comma-separated URLs of a cluster's nodes "
+            "(default: AMQP_URL)",
+            show_default=False,
+        ),
     ] = None,
     wait_s: Annotated[
         float | None,
@@ -145,7 +159,7 @@ def backfill(
     from broker.errors import AmqpUnavailable
     from broker.producer.backfill import BackfillProgress
     from broker.producer.backfill import backfill as run_backfill
-    from broker.producer.client import SubmitError, SwarmClient
+    from broker.producer.client import SubmitError
 
     if not source.is_file():
         _fail(FileNotFoundError(f"no such file: {source}"))
@@ -153,7 +167,9 @@ def backfill(
         _fail(ValueError(f"--rate must be > 0, not {rate:g}"))
     if window < 1:
         _fail(ValueError(f"--window must be >= 1, not {window}"))
-    url = amqp_url or _settings().amqp_url.get_secret_value()
+    settings = _settings()
+    if amqp_url:
+        settings = settings.model_copy(update={"amqp_url": SecretStr(amqp_url)})
     bar = Progress(
         TextColumn("backfill"),
         BarColumn(),
@@ -171,7 +187,7 @@ def backfill(
         bar.update(line_bar, total=step.total, completed=step.finished, counts=counts)
 
     async def go() -> "BackfillSummary":
-        async with SwarmClient(url) as client:
+        async with _client(settings) as client:
             return await run_backfill(
                 client,
                 source,
@@ -239,14 +255,12 @@ def status(
         int | None, typer.Option(help="with --watch: stop after N refreshes", show_default=False)
     ] = None,
 ) -> None:
-    """Ask the daemon for pools, nodes, queues and limits."""
-    from broker.producer.client import SwarmClient
-
-    url = _settings().amqp_url.get_secret_value()
+    """Ask the daemon for pools, nodes, queues, limits and the RabbitMQ node it uses."""
+    settings = _settings()
     if not watch:
 
         async def once() -> dict[str, Any]:
-            async with SwarmClient(url) as client:
+            async with _client(settings) as client:
                 return await client.status(timeout_s=15.0)
 
         try:
@@ -261,23 +275,24 @@ def status(
         render_status(answer)
         return
     try:
-        _run_async(_watch_status(url, interval_s, count, as_json))
+        _run_async(_watch_status(settings, interval_s, count, as_json))
     except SwarmError as exc:
         _fail(exc)
     except KeyboardInterrupt:
         raise typer.Exit(code=0) from None
 
 
-async def _watch_status(url: str, interval_s: float, count: int | None, as_json: bool) -> None:
+async def _watch_status(
+    settings: Settings, interval_s: float, count: int | None, as_json: bool
+) -> None:
     """One connection, a status request every `interval_s`, the tables redrawn in place."""
     import time
 
     from rich.live import Live
 
     from broker.ops.status_view import status_view
-    from broker.producer.client import SwarmClient
 
-    async with SwarmClient(url) as client:
+    async with _client(settings) as client:
         refreshes = 0
         with Live(auto_refresh=False, transient=False) as live:
             while count is None or refreshes < count:

@@ -1,6 +1,7 @@
 """The daemon: wires Ray pools, the ledger, the scheduler and AMQP, and runs until stopped."""
 
 import asyncio
+import functools
 import signal
 import time
 from collections.abc import Callable
@@ -9,6 +10,7 @@ import structlog
 
 from broker.amqp.connection import connect
 from broker.amqp.ingress import Ingress
+from broker.amqp.nodes import open_on_a_node
 from broker.amqp.outcomes import OutcomeStore
 from broker.amqp.publish_stats import PublishCollector
 from broker.ops import memory
@@ -62,10 +64,11 @@ class Daemon:
         """Connect to RabbitMQ (first: it fails fastest), join or start Ray, start the pools,
         then consume. Raises a SwarmError with a one-line explanation when RabbitMQ or Ray is
         not there."""
-        amqp_url = self.settings.amqp_url.get_secret_value()
+        nodes = self.settings.amqp_nodes()
         if self.settings.return_memory:
             memory.map_large_buffers()  # before the first large body is allocated
-        probe = await connect(amqp_url, name="swarm-daemon-probe")
+        # The node that answers here is the one the ingress tries first.
+        probe = await open_on_a_node(nodes, functools.partial(connect, name="swarm-daemon-probe"))
         await probe.close()
         # In a thread: ray.init blocks for seconds, and off the main thread it leaves our
         # SIGTERM handler in place instead of installing its own.
@@ -81,7 +84,13 @@ class Daemon:
         tasks = TaskProcessor(self.settings, self.registry, self.scheduler, self.pools, self.store)
         self.tasks = tasks
         control = ControlProcessor(
-            self.settings, self.scheduler, self.pools, self._queue_depths, tasks, self.store
+            self.settings,
+            self.scheduler,
+            self.pools,
+            self._queue_depths,
+            tasks,
+            self.store,
+            amqp_nodes=nodes.describe,
         )
         metrics = self.metrics
 
@@ -94,7 +103,7 @@ class Daemon:
             metrics.task_finished(outcome)
 
         self._ingress = Ingress(
-            amqp_url,
+            nodes,
             self.settings.prefetch,
             process_task,
             control.process,
@@ -120,6 +129,7 @@ class Daemon:
             pools=sorted(self.pools.names),
             handlers=self.registry.names(),
             metrics_port=self.metrics_port,
+            amqp_node=self._ingress.node,
         )
 
     def _handle_stop_signals(self) -> None:

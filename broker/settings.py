@@ -14,6 +14,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from broker.amqp.nodes import AmqpNodes
+from broker.amqp.urls import redact, split_urls
 from schemas.codec import DEFAULT_MAX_BODY_BYTES, CodecLimits
 from workers.pool import PoolSpec
 from workers.resources import ResourceVector
@@ -42,7 +44,13 @@ class Settings(BaseSettings):
     amqp_url: SecretStr = Field(
         default=SecretStr("amqp://guest:guest@localhost:5672/"),
         validation_alias=AliasChoices("AMQP_URL", "SWARM_AMQP_URL"),
-        description="RabbitMQ URL; amqps:// for TLS (cafile, certfile, keyfile as query args)",
+        description="RabbitMQ URL, or the URLs of a cluster's nodes (comma-separated, a list in "
+        "the TOML file), tried in turn; amqps:// for TLS (cafile, certfile, keyfile as query args)",
+    )
+    amqp_shuffle: bool = Field(
+        default=False,
+        description="try the nodes of AMQP_URL in an order shuffled once per process, so that "
+        "many processes given the same list spread over the nodes",
     )
     ray_address: str | None = Field(
         default=None,
@@ -228,9 +236,7 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     def effective(self) -> dict[str, Any]:
-        """Every setting's value as used, secrets masked (the password of the AMQP URL)."""
-        from broker.amqp.connection import redact
-
+        """Every setting's value as used, secrets masked (the passwords of the AMQP URLs)."""
         values = self.model_dump(mode="json")
         values["amqp_url"] = redact(self.amqp_url.get_secret_value())
         return values
@@ -238,6 +244,22 @@ class Settings(BaseSettings):
     def actor_environment(self) -> dict[str, str]:
         """Settings that handlers read, set in every actor's environment whatever its node."""
         return {"SWARM_MODEL_DIR": str(self.model_dir)}
+
+    @field_validator("amqp_url", mode="before")
+    @classmethod
+    def _join_urls(cls, value: object) -> object:
+        # One string whatever the source: the environment gives "url1,url2", TOML a list.
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, list | tuple):
+            value = ",".join(str(part) for part in value)
+        if isinstance(value, str) and not split_urls(value):
+            raise ValueError("no RabbitMQ URL given")
+        return value
+
+    def amqp_nodes(self) -> AmqpNodes:
+        """The nodes of AMQP_URL, in the order they are tried (a new rotation per call)."""
+        return AmqpNodes(self.amqp_url.get_secret_value(), shuffle=self.amqp_shuffle)
 
     @field_validator("handler_modules", "gpu_task_types", mode="before")
     @classmethod

@@ -140,7 +140,8 @@ def message_components(
         "ControlRequest": {
             "name": "ControlRequest",
             "title": "Control request",
-            "summary": "`status` (pools, nodes, queues, limits) or `cancel` a task by id.",
+            "summary": "`status` (pools, nodes, queues, limits, the RabbitMQ node the daemon "
+            "is connected to) or `cancel` a task by id.",
             "correlationId": correlation,
             "payload": control_request,
             "bindings": amqp,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from daemon_process import SWARM
 
+from broker.amqp.urls import redact
 from broker.daemon import Daemon
 
 CHECKED_IN_ASYNCAPI = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.json"
@@ -48,7 +49,8 @@ async def test_status_json_reports_the_daemons_pools_queues_and_limits(
     done = await _swarm("status", "--json", amqp_url=amqp_url)
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
-    assert set(answer) == {"pools", "nodes", "queues", "limits"}
+    assert set(answer) == {"pools", "nodes", "queues", "limits", "rabbitmq"}
+    assert answer["rabbitmq"]["node"] == redact(amqp_url)  # the node the daemon is on
     assert set(answer["pools"]) == set(daemon.pools.names)
     cpu = answer["pools"]["cpu"]
     # The daemon fixture's CPU pool: one actor, idle.

@@ -6,6 +6,7 @@ import time
 import pytest
 from conftest import DaemonFactory
 
+from broker.amqp.urls import redact
 from broker.daemon import Daemon
 from broker.producer.client import SubmitError, SwarmClient, SyncSwarmClient
 
@@ -70,7 +71,9 @@ async def test_client_status(start_daemon: DaemonFactory, amqp_url: str) -> None
     await start_daemon(cpu_pool_min=2, cpu_pool_max=2)
     async with SwarmClient(amqp_url) as client:
         answer = await client.status()
-    assert set(answer) == {"pools", "nodes", "queues", "limits"}
+    assert set(answer) == {"pools", "nodes", "queues", "limits", "rabbitmq"}
+    masked = redact(amqp_url)
+    assert answer["rabbitmq"] == {"node": masked, "nodes": [masked]}
     assert answer["pools"]["cpu"]["actors"] == 2
     assert answer["pools"]["cpu"]["reserved"]["cpus"] == 2
     assert answer["limits"]["max_body_bytes"] == 8 * 1024 * 1024

@@ -1,19 +1,13 @@
-"""Connecting to RabbitMQ: robust (reconnecting) connections, TLS via amqps:// URLs."""
+"""Connecting to one RabbitMQ node, TLS via amqps:// URLs (broker/amqp/nodes.py picks the
+node when there are several)."""
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
+from broker.amqp.urls import redact
 from broker.errors import AmqpUnavailable
 
-
-def redact(url: str) -> str:
-    """The URL with its password replaced, for logs and error messages."""
-    scheme, sep, rest = url.partition("://")
-    if "@" not in rest:
-        return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}"
+__all__ = ["connect", "redact"]
 
 
 async def connect(url: str, *, name: str = "swarm") -> AbstractConnection:

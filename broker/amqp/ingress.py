@@ -14,12 +14,14 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from broker.amqp.frames import frame_extras
+from broker.amqp.nodes import AmqpNodes, open_on_a_node
 from broker.amqp.outcome_publishing import OutcomePublishing, PublishAbandoned
 from broker.amqp.outcomes import OutcomeStore
 from broker.amqp.pipelined import Acks, Deliveries
 from broker.amqp.publish_stats import PublishStats
 from broker.amqp.queue_depths import QueueDepths
 from broker.amqp.session import AmqpSession
+from broker.amqp.urls import redact
 from broker.ops import memory
 from broker.ops.shared_read import SharedRead
 from broker.tasks.delivery import Delivery
@@ -107,7 +109,7 @@ class Ingress:
 
     def __init__(
         self,
-        amqp_url: str,
+        amqp_url: str | AmqpNodes,
         prefetch: int,
         process_task: Processor,
         process_control: Processor,
@@ -117,7 +119,8 @@ class Ingress:
         max_held_bytes: int = 256 * 1024 * 1024,
         return_memory: bool = True,
     ) -> None:
-        self._url = amqp_url
+        # The node sessions are opened on; after a lost connection, the next node first.
+        self.nodes = amqp_url if isinstance(amqp_url, AmqpNodes) else AmqpNodes(amqp_url)
         self._prefetch = prefetch
         self._process_task = process_task
         self._process_control = process_control
@@ -160,6 +163,7 @@ class Ingress:
             self._add_consumer(task_queue(task_type), task_type, self._process_task)
         self._add_consumer(CONTROL_QUEUE, None, self._process_control)
         await self._open_session()
+        log.info("amqp_connected", node=self.node, nodes=len(self.nodes.urls))
         self._supervisor = asyncio.create_task(self._supervise())
 
     def _add_consumer(self, queue_name: str, task_type: str | None, process: Processor) -> None:
@@ -235,9 +239,24 @@ class Ingress:
         task.add_done_callback(self._in_flight.discard)
 
     async def _open_session(self) -> None:
-        """Open a session, replay the outcome store on it, consume; a session that fails on
-        the way is closed (with the store's stream consumer on it), never left behind."""
-        session = await AmqpSession.open(self._url, self._prefetch)
+        """Open a session on the first node of a round that takes one (broker/amqp/nodes.py);
+        raises when none did."""
+        await open_on_a_node(self.nodes, self._open_session_on, self._node_failed)
+
+    @staticmethod
+    def _node_failed(url: str, exc: Exception) -> None:
+        log.warning(
+            "amqp_node_unavailable",
+            node=redact(url),
+            error=f"{type(exc).__name__}: {exc}".rstrip(": "),
+        )
+        log.debug("amqp_node_unavailable_traceback", exc_info=exc)
+
+    async def _open_session_on(self, url: str) -> None:
+        """Open a session on one node, replay the outcome store on it, consume; a session that
+        fails on the way is closed (with the store's stream consumer on it), never left
+        behind."""
+        session = await AmqpSession.open(url, self._prefetch)
         try:
             await self._store.attach(
                 session.connection, session.publish_channel, on_lost=session.lost.set
@@ -263,16 +282,18 @@ class Ingress:
             if self._stopping:
                 return
             self._ready.clear()
-            log.warning("connection_lost")
+            log.warning("connection_lost", node=self.node)
+            self.nodes.lost()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._session.close(), SESSION_CLOSE_S)
             delay_s = RECONNECT_FIRST_S
             while not self._stopping:
                 try:
                     await self._open_session()
-                    log.info("reconnected", sessions=self.sessions)
+                    log.info("reconnected", node=self.node, sessions=self.sessions)
                     break
                 except Exception as exc:
+                    # Every node was tried once: back off before the next round.
                     log.warning(
                         "reconnect_failed",
                         error=f"{type(exc).__name__}: {exc}".rstrip(": "),
@@ -281,6 +302,12 @@ class Ingress:
                     log.debug("reconnect_failed_traceback", exc_info=True)
                     await asyncio.sleep(delay_s)
                     delay_s = min(RECONNECT_MAX_S, delay_s * 2)
+
+    @property
+    def node(self) -> str | None:
+        """The RabbitMQ node connected to, password masked; None while reconnecting."""
+        in_use = self.nodes.in_use
+        return redact(in_use) if in_use is not None else None
 
     @property
     def consuming(self) -> bool:

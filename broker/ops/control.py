@@ -1,4 +1,5 @@
-"""Control requests on `swarm.control`: `status` (ledger, pools, queues, limits) and `cancel`."""
+"""Control requests on `swarm.control`: `status` (ledger, pools, queues, limits, the RabbitMQ
+node) and `cancel`."""
 
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -33,8 +34,12 @@ class ControlProcessor:
         queue_depths: Callable[[], Awaitable[dict[str, int]]],
         tasks: TaskProcessor,
         store: OutcomeStore,
+        *,
+        amqp_nodes: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self._tasks = tasks
+        # The RabbitMQ node the daemon is connected to, and every node it may use.
+        self._amqp_nodes = amqp_nodes
         self._store = store
         self._settings = settings
         self._scheduler = scheduler
@@ -97,7 +102,7 @@ class ControlProcessor:
                 }
             )
             pools[name] = view
-        return {
+        answer: dict[str, Any] = {
             "pools": pools,
             "nodes": [self._ledger.node_view(node) for node in self._ledger.nodes.values()],
             "queues": await self._queue_depths(),
@@ -109,6 +114,9 @@ class ControlProcessor:
                 "default_max_retries": self._settings.default_max_retries,
             },
         }
+        if self._amqp_nodes is not None:
+            answer["rabbitmq"] = self._amqp_nodes()
+        return answer
 
     def _ok(self, result: Any) -> Outcome:
         body = encode_reply(Reply(id=None, status="ok", result=result))

@@ -52,6 +52,18 @@ def status_view(answer: dict[str, Any], caption: str | None = None) -> Renderabl
         queues.add_row(name, str(depth))
     limits = Text("limits: " + ", ".join(f"{k}={v}" for k, v in answer["limits"].items()))
     parts: list[RenderableType] = [pools, nodes, queues, limits]
+    rabbitmq = answer.get("rabbitmq")  # older daemons do not report it
+    if rabbitmq:
+        parts.append(Text(_rabbitmq_line(rabbitmq)))
     if caption:
         parts.insert(0, Text(caption, style="dim"))
     return Group(*parts)
+
+
+def _rabbitmq_line(rabbitmq: dict[str, Any]) -> str:
+    node = rabbitmq.get("node") or "none (reconnecting)"
+    listed = rabbitmq.get("nodes") or []
+    line = f"rabbitmq: connected to {node}"
+    if len(listed) > 1:
+        line += f" (one of {len(listed)} nodes: {', '.join(listed)})"
+    return line

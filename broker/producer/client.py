@@ -8,7 +8,7 @@ so a producer never pays Ray's import.
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -25,8 +25,10 @@ from aio_pika.abc import (
 from aiormq.abc import DeliveredMessage
 
 from broker.amqp.connection import connect
+from broker.amqp.nodes import AmqpNodes, open_on_a_node
 from broker.amqp.session import CONNECTION_ERRORS
 from broker.amqp.topology import declare
+from broker.amqp.urls import redact
 from broker.errors import BrokerError
 from schemas.codec import decode, encode
 from schemas.progress import PROGRESS_STATUS, ProgressMessage
@@ -60,8 +62,21 @@ class ReplyTimeout(BrokerError):
 
 
 class SwarmClient:
-    def __init__(self, amqp_url: str, *, reply_timeout_s: float | None = None) -> None:
-        self._url = amqp_url
+    """A producer's connection to Swarm. `amqp_url` is one URL, or the URLs of a cluster's
+    nodes (comma-separated or a list), tried in turn (`shuffle`: in an order shuffled once)."""
+
+    def __init__(
+        self,
+        amqp_url: str | Sequence[str],
+        *,
+        reply_timeout_s: float | None = None,
+        shuffle: bool = False,
+    ) -> None:
+        self._nodes = AmqpNodes(amqp_url, shuffle=shuffle)
+        # On a cluster the reply queue must outlive the node it was declared on: a quorum
+        # queue (replicated), consumed with acks, so that no reply is lost with a node, not
+        # even one RabbitMQ had sent when the node died. On one node, as it always was.
+        self._replicated_replies = len(self._nodes.urls) > 1
         self._reply_timeout_s = reply_timeout_s
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -75,6 +90,14 @@ class SwarmClient:
         self._lost = asyncio.Event()
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
+        # Publishes sent again because the connection they went out on was lost unconfirmed.
+        self.publishes_resent = 0
+
+    @property
+    def node(self) -> str | None:
+        """The RabbitMQ node connected to, password masked; None while reconnecting."""
+        in_use = self._nodes.in_use
+        return redact(in_use) if in_use is not None else None
 
     async def __aenter__(self) -> "SwarmClient":
         await self.connect()
@@ -102,13 +125,17 @@ class SwarmClient:
         while not self._closing:
             await self._lost.wait()
             self._ready.clear()
+            log.warning("client_connection_lost", node=self.node)
+            self._nodes.lost()
             await self._close_connection()
             delay_s = RECONNECT_FIRST_S
             while not self._closing:
                 try:
                     await self._open()
+                    log.info("client_reconnected", node=self.node)
                     break
                 except Exception as exc:
+                    # Every node was tried once: back off before the next round.
                     log.warning(
                         "client_reconnect_failed",
                         error=f"{type(exc).__name__}: {exc}",
@@ -118,9 +145,21 @@ class SwarmClient:
                     delay_s = min(RECONNECT_MAX_S, delay_s * 2)
 
     async def _open(self) -> None:
+        """A session on the first node of a round that takes one (broker/amqp/nodes.py)."""
+        await open_on_a_node(self._nodes, self._open_on, self._node_failed)
+
+    @staticmethod
+    def _node_failed(url: str, exc: Exception) -> None:
+        log.warning(
+            "client_node_unavailable",
+            node=redact(url),
+            error=f"{type(exc).__name__}: {exc}".rstrip(": "),
+        )
+
+    async def _open_on(self, url: str) -> None:
         """Connect, declare, consume the reply queue; a connection that fails on the way is
         closed, never left behind."""
-        connection = await connect(self._url, name="swarm-client")
+        connection = await connect(url, name="swarm-client")
         self._lost = asyncio.Event()
         lost = self._lost
         connection.close_callbacks.add(lambda *_: lost.set())
@@ -137,12 +176,20 @@ class SwarmClient:
             # A reply queue named by the client, not exclusive: it outlives a dropped
             # connection, so replies published while the client reconnects wait for it.
             # RabbitMQ deletes it once unused for REPLY_QUEUE_EXPIRES_MS.
-            self._replies = await self._channel.declare_queue(
-                self._reply_queue,
-                durable=False,
-                arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
-            )
-            await self._replies.consume(self._on_reply, no_ack=True)
+            if self._replicated_replies:
+                self._replies = await self._channel.declare_queue(
+                    self._reply_queue,
+                    durable=True,  # RabbitMQ's rule for quorum queues
+                    arguments={"x-queue-type": "quorum", "x-expires": REPLY_QUEUE_EXPIRES_MS},
+                )
+                await self._replies.consume(self._on_reply_acked)
+            else:
+                self._replies = await self._channel.declare_queue(
+                    self._reply_queue,
+                    durable=False,
+                    arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
+                )
+                await self._replies.consume(self._on_reply, no_ack=True)
         except BaseException:
             await self._close_connection()
             raise
@@ -163,6 +210,15 @@ class SwarmClient:
         if self._connection is not None:
             connection, self._connection = self._connection, None
             await connection.close()
+
+    async def _on_reply_acked(self, message: AbstractIncomingMessage) -> None:
+        """A reply from the replicated queue, acknowledged once handled: one whose ack was
+        lost with its node comes again, and is then a duplicate, ignored."""
+        try:
+            await self._on_reply(message)
+        finally:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await message.ack()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         correlation_id = message.correlation_id or ""
@@ -248,6 +304,8 @@ class SwarmClient:
         """Publish with confirms; while the connection is being restored, try again. Safe:
         the daemon answers a task id once, however often it is published."""
         for attempt in range(PUBLISH_ATTEMPTS):
+            if attempt:
+                self.publishes_resent += 1
             if not self._ready.is_set():
                 # Only when needed: on Python 3.11 wait_for can swallow a cancel that lands as
                 # its inner wait completes (CPython gh-86296), which would make a cancelled
@@ -337,9 +395,15 @@ class SwarmClient:
 class SyncSwarmClient:
     """A blocking wrapper for scripts: `with SyncSwarmClient(url) as swarm: swarm.submit(...)`."""
 
-    def __init__(self, amqp_url: str, *, reply_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        amqp_url: str | Sequence[str],
+        *,
+        reply_timeout_s: float | None = None,
+        shuffle: bool = False,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
-        self._client = SwarmClient(amqp_url, reply_timeout_s=reply_timeout_s)
+        self._client = SwarmClient(amqp_url, reply_timeout_s=reply_timeout_s, shuffle=shuffle)
 
     def __enter__(self) -> "SyncSwarmClient":
         self._loop.run_until_complete(self._client.connect())

@@ -66,8 +66,10 @@ class Broker:
         self.connections: list[FakeConnection] = []
         self.declare_failures = 0
         self.opened = asyncio.Event()
+        self.urls: list[str] = []  # the URL of each connection opened
 
     async def connect(self, url: str, *, name: str = "") -> FakeConnection:
+        self.urls.append(url)
         connection = FakeConnection()
         self.connections.append(connection)
         return connection
@@ -139,3 +141,34 @@ async def test_close_stops_the_supervisor_while_it_backs_off(broker: Broker) -> 
     settled = len(broker.connections)
     await asyncio.sleep(0.02)
     assert len(broker.connections) == settled
+
+
+async def test_a_lost_connection_moves_to_the_next_node(broker: Broker) -> None:
+    one, two = "amqp://u:secret@one/", "amqp://u:secret@two/"
+    swarm = SwarmClient([one, two])
+    await swarm.connect()
+    assert swarm.node == "amqp://u:***@one/"
+    await broker.connections[0].close()
+    await reconnected(broker, swarm, 2)
+    assert broker.urls == [one, two]
+    assert swarm.node == "amqp://u:***@two/"
+    await swarm.close()
+
+
+async def test_one_url_declares_the_reply_queue_as_always_several_a_quorum_queue(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    declared: list[dict[str, Any]] = []
+
+    async def declare_queue(self: FakeChannel, name: str, **kwargs: Any) -> FakeQueue:
+        declared.append(kwargs)
+        return FakeQueue()
+
+    monkeypatch.setattr(FakeChannel, "declare_queue", declare_queue)
+    for urls in ("amqp://one/", "amqp://one/,amqp://two/"):
+        swarm = SwarmClient(urls)
+        await swarm.connect()
+        await swarm.close()
+    single, several = declared
+    assert single["durable"] is False and "x-queue-type" not in single["arguments"]
+    assert several["durable"] is True and several["arguments"]["x-queue-type"] == "quorum"
