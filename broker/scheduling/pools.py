@@ -222,10 +222,16 @@ class PoolSet:
                     await self.refresh_nodes()
                 except Exception as exc:
                     log.warning("node_refresh_failed", error=str(exc))
-            for name, pool in self._pools.items():
-                self._size(name, pool)
-            if self.elastic:
-                await self._request_scale_up()
+            try:
+                for name, pool in self._pools.items():
+                    self._size(name, pool)
+                if self.elastic:
+                    await self._request_scale_up()
+            except Exception as exc:
+                # One failed pass (a Ray call refused while the GCS recovers) must not end
+                # the sizing for good: the next pass starts from the ledger again.
+                log.error("pool_sizing_failed", error=str(exc))
+                log.debug("pool_sizing_failed_traceback", exc_info=True)
 
     def _size(self, name: str, pool: RayActorPool) -> None:
         spec = pool.spec
