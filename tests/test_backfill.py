@@ -299,7 +299,7 @@ async def test_cli_backfill_end_to_end(daemon: Daemon, amqp_url: str, tmp_path: 
 async def test_cli_backfill_unreachable_rabbitmq_exits_2(tmp_path: Path) -> None:
     source = write(tmp_path / "tasks.jsonl", task_lines(0, 1))
     url = "amqp://guest:secret@127.0.0.1:1/"
-    done = await swarm("backfill", str(source), "--amqp-url", url, amqp_url="")
+    done = await swarm("backfill", str(source), "--amqp-url", url, amqp_url=url)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("swarm: cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/")

@@ -207,7 +207,7 @@ async def test_daemon_works_with_least_privilege(
         )
     answers = {r.message.correlation_id: r.payload for r in (await inbox.wait_for(4))[2:]}
     assert {name: a["status"] for name, a in answers.items()} == {"status": "ok", "cancel": "ok"}
-    assert set(answers["status"]["result"]) == {"pools", "nodes", "queues", "limits"}
+    assert set(answers["status"]["result"]) == {"pools", "nodes", "queues", "limits", "rabbitmq"}
     assert answers["cancel"]["result"]["state"] == "unseen"
 
     # The guest's own client sees the daemon answer as usual.
