@@ -112,6 +112,7 @@ class Daemon:
             self.settings.max_waiting_per_queue,
             self.settings.max_held_mb * 1024 * 1024,
             self.settings.return_memory,
+            self.settings.refused_reply_retry_s,
         )
         self.metrics.watch_held(self._ingress.held)
         self.metrics.registry.register(PublishCollector(self._ingress.publish_stats))

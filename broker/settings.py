@@ -189,6 +189,13 @@ class Settings(BaseSettings):
         description="largest reply sent; a larger result is answered too_large (RabbitMQ "
         "closes the channel on a message over its max_message_size: keep this at or under it)",
     )
+    refused_reply_retry_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=300,
+        description="how long a reply its queue refuses (a nack) is sent again before it is "
+        "dead-lettered reply_undeliverable (a quorum queue electing a leader nacks for seconds)",
+    )
     lease_renew_s: float = Field(
         default=600.0,
         gt=0,

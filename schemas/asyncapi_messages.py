@@ -179,7 +179,8 @@ def message_components(
                         "type": "string",
                         "description": "Swarm's addition: the `reply_to` queue that the reply "
                         "could not reach, because it does not exist (returned) or refused it "
-                        f"(nack: full with reject-publish); the code is then "
+                        "(nack: full with reject-publish, or a quorum queue electing a leader) "
+                        "through every re-send for SWARM_REFUSED_REPLY_RETRY_S; the code is then "
                         f"`{REPLY_UNDELIVERABLE}` or the task's own.",
                     },
                     TRUNCATED_HEADER: truncated_header,

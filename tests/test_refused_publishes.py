@@ -22,6 +22,7 @@ from rabbit import RabbitServer
 from raw import Inbox, RawProducer, task
 
 from broker.daemon import Daemon
+from broker.producer.client import SwarmClient
 from schemas.topology import (
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
@@ -285,7 +286,8 @@ async def test_a_refused_reply_is_dead_lettered_and_the_task_runs_once(
     amqp_url: str,
     tmp_path: Path,
 ) -> None:
-    daemon = await start_daemon(handler_modules=DIAGNOSTICS)
+    # Each refused reply is sent again once (0.2 s after the refusal) before it is given up.
+    daemon = await start_daemon(handler_modules=DIAGNOSTICS, refused_reply_retry_s=0.5)
     journal = tmp_path / "runs"
     reply_queue = await producer.channel.declare_queue(
         f"replies-{uuid.uuid4().hex[:8]}",
@@ -314,6 +316,7 @@ async def test_a_refused_reply_is_dead_lettered_and_the_task_runs_once(
     answered = Counter(r.payload["id"] for r in results.messages)
     assert len(dead_ids) == 25 and set(answered) == set(ids)
     assert daemon.ingress is not None and daemon.ingress.publish_stats.replies_refused == 25
+    assert daemon.ingress.publish_stats.replies_resent == 25
     Figures(
         case="reply-queue-refuses",
         sent=30,
@@ -324,6 +327,92 @@ async def test_a_refused_reply_is_dead_lettered_and_the_task_runs_once(
         peak_rss_mb=peak_rss_mb(),
         ready=ready(daemon),
     ).check(dead_letters=25)
+
+
+async def test_a_refused_reply_is_sent_again_until_its_queue_takes_it(
+    start_daemon: DaemonFactory,
+    producer: RawProducer,
+    rabbit: RabbitServer,
+    amqp_url: str,
+) -> None:
+    """How a quorum reply queue electing a leader looks to the daemon (a nack for a while),
+    made with a full queue that makes room: every reply arrives once, nothing dead-lettered."""
+    daemon = await start_daemon(refused_reply_retry_s=120.0)
+    assert daemon.ingress is not None
+    stats = daemon.ingress.publish_stats
+    reply_queue = await producer.channel.declare_queue(
+        f"replies-{uuid.uuid4().hex[:8]}",
+        arguments={"x-max-length": 2, "x-overflow": "reject-publish"},
+    )
+    ids = [f"resent-{i}" for i in range(6)]
+    for task_id in ids:
+        body = task("data_processing", "echo", {"i": task_id}, id=task_id)
+        await producer.publish("data_processing", body, reply_to=reply_queue.name)
+    # Four replies refused (the queue holds two), each already sent again at least once.
+    await eventually(lambda: stats.replies_resent >= 4)
+    received: list[str] = []
+    all_in = asyncio.Event()
+
+    async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        received.append(msgpack.unpackb(message.body)["id"])
+        await message.ack()
+        if len(received) == len(ids):
+            all_in.set()
+
+    await reply_queue.consume(take)
+    await asyncio.wait_for(all_in.wait(), 60)
+    vhost = vhost_of(amqp_url)
+    await eventually(lambda: queue_totals(rabbit, vhost).get("swarm.tasks.data_processing") == 0)
+    assert sorted(received) == sorted(ids)  # each once
+    assert stats.replies_refused == 0
+    assert queue_totals(rabbit, vhost).get("swarm.dead") == 0
+
+
+async def test_the_client_sends_a_refused_task_again_until_its_queue_takes_it(
+    rabbit: RabbitServer, amqp_url: str
+) -> None:
+    """A task queue that nacks (full with reject-publish here; a quorum queue electing a
+    leader on a cluster): the client sends again with backoff instead of failing the send."""
+    vhost = vhost_of(amqp_url)
+    queue = "swarm.tasks.training"
+    async with SwarmClient(amqp_url) as client:  # declares the topology; no daemon consumes
+        rabbit.rabbitmqctl(
+            "set_policy",
+            "-p",
+            vhost,
+            "--apply-to",
+            "queues",
+            "tasks-cap",
+            r"^swarm\.tasks\.training$",
+            '{"max-length": 1, "overflow": "reject-publish"}',
+        )
+        await eventually(
+            lambda: (
+                "tasks-cap"
+                in rabbit.rabbitmqctl(
+                    "list_queues", "-p", vhost, "-q", "--no-table-headers", "name", "policy"
+                )
+            )
+        )
+        # The policy reaches the quorum queue's state machine a moment after list_queues
+        # shows it: send one task at a time until one is refused (each after the first is).
+        sends: list[asyncio.Task[Any]] = []
+        while client.publishes_resent == 0 and len(sends) < 1000:
+            send = client.send("training", "echo", len(sends), task_id=f"capped-{len(sends)}")
+            sends.append(asyncio.create_task(send))
+            # Polled: the client has no event for a nack it is handling itself.
+            while not sends[-1].done() and client.publishes_resent == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert client.publishes_resent >= 1, "no publish was refused"
+        # RabbitMQ keeps refusing on a channel it refused on, limit lifted or not: the client
+        # goes on on a fresh one.
+        rabbit.rabbitmqctl("clear_policy", "-p", vhost, "tasks-cap")
+        await asyncio.wait_for(asyncio.gather(*sends), 30)  # none raised SubmitError
+        # Each once: a nacked publish is not queued. (The declare's count is the queue's
+        # own; list_queues counts a quorum queue's messages with a delay.)
+        assert client._channel is not None
+        declared = await client._channel.declare_queue(queue, passive=True)
+    assert declared.declaration_result.message_count == len(sends)
 
 
 # -- item 5: swarm.dead refuses ----------------------------------------------------------------

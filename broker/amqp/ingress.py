@@ -118,6 +118,7 @@ class Ingress:
         max_waiting_per_queue: int = 64,
         max_held_bytes: int = 256 * 1024 * 1024,
         return_memory: bool = True,
+        refused_reply_retry_s: float = 10.0,
     ) -> None:
         # The node sessions are opened on; after a lost connection, the next node first.
         self.nodes = amqp_url if isinstance(amqp_url, AmqpNodes) else AmqpNodes(amqp_url)
@@ -147,7 +148,7 @@ class Ingress:
         # Refused, cut down, stripped and abandoned publishes, across sessions (metrics).
         self.publish_stats = PublishStats()
         self._outcomes_out = OutcomePublishing(
-            self._ready, lambda: self._session, self.publish_stats
+            self._ready, lambda: self._session, self.publish_stats, refused_reply_retry_s
         )
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None

@@ -14,6 +14,13 @@ cut to 256 bytes), and after as many more it is abandoned: `PublishAbandoned`, a
 ingress hands the task back to RabbitMQ. Each is an error log line (`publish_stripped`,
 `publish_abandoned`) and a counter.
 
+A reply its queue refuses (a nack) is sent again, alone (its copy and record went out), on a
+fresh channel after 0.2 s, 0.4 s, ... up to 2 s between tries for `refused_reply_retry_s`
+(`SWARM_REFUSED_REPLY_RETRY_S`, 10 s): a quorum reply queue whose leader's node died nacks
+publishes until it has elected another (RabbitMQ 3.10: within 3 s of a `kill -9`). Only a
+reply refused through every try is dead-lettered `reply_undeliverable`; a full queue
+(`x-overflow: reject-publish`) that makes room within the window gets its reply.
+
 A dead letter that swarm.dead refuses (a nack) is not dropped: the task stays
 unacknowledged, its handler is not run again, and the dead letter is sent again (on a new
 channel: see broker/amqp/renewable_channel.py) after 1 s, 2 s, 4 s, ... up to 30 s between tries
@@ -44,6 +51,8 @@ log = structlog.get_logger("swarm.publishing")
 MAX_LOST_SESSIONS = 3
 DEAD_LETTER_RETRY_FIRST_S = 1.0
 DEAD_LETTER_RETRY_MAX_S = 30.0
+REPLY_RESEND_FIRST_S = 0.2
+REPLY_RESEND_MAX_S = 2.0
 
 T = TypeVar("T")
 Step = Callable[[Publisher, bool], Awaitable[T]]
@@ -59,10 +68,12 @@ class OutcomePublishing:
         ready: asyncio.Event,
         current: Callable[[], AmqpSession | None],
         stats: PublishStats,
+        refused_reply_retry_s: float = 10.0,
     ) -> None:
         self._ready = ready
         self._current = current
         self.stats = stats
+        self._refused_reply_retry_s = refused_reply_retry_s
 
     async def publish(self, delivery: Delivery, outcome: Outcome, record: bytes | None) -> None:
         """Reply, dead letter (when due) and record, confirmed; see the module's rules."""
@@ -77,19 +88,43 @@ class OutcomePublishing:
         if result.truncated:
             self.stats.headers_truncated += 1
             log.warning("reply_headers_dropped", dropped=list(result.truncated))
-        if result.undelivered == REFUSED:
+        undelivered = result.undelivered
+        if undelivered == REFUSED:
+            undelivered = await self._resend_refused_reply(delivery, outcome)
+        if undelivered == REFUSED:
             self.stats.replies_refused += 1
             log.warning("reply_refused", reply_to=delivery.reply_to)  # it is dead-lettered
         if result.copy_refused:
             self.stats.results_copies_refused += 1
             log.warning("results_copy_refused")  # not sent again
-        reason = dead_letter_reason(delivery, outcome, result.undelivered)
+        reason = dead_letter_reason(delivery, outcome, undelivered)
         if reason is not None:
             await self._dead_letter(delivery, outcome, reason)
         if dead_lettered and record is not None:
             await self._on_sessions(
                 "outcome record", lambda publisher, _: publisher.append_record(record)
             )
+
+    async def _resend_refused_reply(self, delivery: Delivery, outcome: Outcome) -> str | None:
+        """Send a refused reply again, with backoff, while the window lasts; what became of
+        it: None (taken), REFUSED or RETURNED."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._refused_reply_retry_s
+        delay_s = REPLY_RESEND_FIRST_S
+        undelivered: str | None = REFUSED
+        while undelivered == REFUSED and loop.time() + delay_s <= deadline:
+            await asyncio.sleep(delay_s)
+            delay_s = min(REPLY_RESEND_MAX_S, delay_s * 2)
+            self.stats.replies_resent += 1
+            undelivered = await self._on_sessions(
+                "reply",
+                lambda publisher, stripped: publisher.resend_reply(
+                    delivery, outcome, stripped=stripped
+                ),
+            )
+        if undelivered is None:
+            log.info("reply_taken_on_resend", reply_to=delivery.reply_to)
+        return undelivered
 
     async def _dead_letter(
         self, delivery: Delivery, outcome: Outcome, reason: DeadLetterReason

@@ -17,8 +17,11 @@ class PublishStats:
     dead_letters_refused: int = 0
     # Tasks held, unacknowledged, while their dead letter waits for room on swarm.dead.
     dead_letters_waiting: int = 0
-    # Replies a reply_to queue nacked (full, reject-publish): dead-lettered instead.
+    # Replies a reply_to queue nacked (full, reject-publish) through every re-send:
+    # dead-lettered instead.
     replies_refused: int = 0
+    # Replies sent again after a nack (a quorum queue electing a leader nacks for a while).
+    replies_resent: int = 0
     # Reply copies a queue bound to swarm.results refused: counted, not sent again.
     results_copies_refused: int = 0
     # Replies and dead letters whose headers were cut to fit the frame size.
@@ -42,6 +45,7 @@ class PublishCollector(Collector):
                 s.dead_letters_refused,
             ),
             ("swarm_replies_refused", "Replies their reply_to queue refused", s.replies_refused),
+            ("swarm_replies_resent", "Replies sent again after a refusal", s.replies_resent),
             (
                 "swarm_results_copies_refused",
                 "Reply copies a queue bound to swarm.results refused",

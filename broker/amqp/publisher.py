@@ -64,7 +64,10 @@ class Publisher:
         self._results = results
         self._dead = dead
         self._records = RecordBatcher(pipelined)
-        self._dead_channel = RenewableChannel(self._open_dead_channel)
+        self._dead_channel = RenewableChannel(self._open_confirm_channel)
+        # Replies sent again after a refusal: a channel a quorum queue refused on may keep
+        # refusing (broker/amqp/renewable_channel.py), so each refusal renews this one.
+        self._resend_channel = RenewableChannel(self._open_confirm_channel)
 
     async def publish_reply(
         self,
@@ -82,16 +85,8 @@ class Publisher:
         `stripped` leaves the trace headers out (the last line of defence)."""
         # The hot path: framed by broker/amqp/pipelined.py, no await until the confirms.
         pipelined = self._pipelined
-        wanted_id = delivery.correlation_id or outcome.task_id
-        correlation_id = fit_shortstr(wanted_id)
-        headers: dict[str, Any] = {STATUS_HEADER: outcome.status}
-        if outcome.trace_headers and not stripped:
-            headers.update(outcome.trace_headers)
         budget = properties_budget(pipelined.frame_max)
-        headers, dropped = reply_headers(correlation_id, headers, budget)
-        if correlation_id != wanted_id:
-            dropped = ["correlation_id", *dropped]
-            headers = {**headers, TRUNCATED_HEADER: ",".join(dropped)}
+        correlation_id, headers, dropped = self._reply_headers(delivery, outcome, stripped, budget)
 
         def properties() -> aiormq.spec.Basic.Properties:
             # One each: aiormq writes the message_id it fills in onto the object it is given.
@@ -141,6 +136,47 @@ class Publisher:
             undelivered = REFUSED
         copy_refused = any(copy is r for r in refused)
         return ReplyResult(undelivered, tuple(dropped), copy_refused=copy_refused)
+
+    async def resend_reply(
+        self, delivery: Delivery, outcome: Outcome, *, stripped: bool
+    ) -> str | None:
+        """The reply alone to `reply_to` again (confirmed), after a refusal: its copy and record
+        went out with the first try. None once RabbitMQ took it, else REFUSED (a nack again)
+        or RETURNED (the queue has gone meanwhile)."""
+        assert delivery.reply_to is not None
+        async with self._resend_channel.use() as channel:
+            budget = properties_budget(channel.connection.connection_tune.frame_max)
+            correlation_id, headers, _ = self._reply_headers(delivery, outcome, stripped, budget)
+            try:
+                confirmation = await channel.basic_publish(
+                    outcome.reply_body,
+                    exchange="",
+                    routing_key=delivery.reply_to,
+                    properties=reply_properties_for(correlation_id, headers),
+                    mandatory=True,
+                )
+            except aiormq.exceptions.DeliveryError as exc:
+                if not is_nack(exc):
+                    raise
+                self._resend_channel.renew(channel)
+                return REFUSED
+        return RETURNED if isinstance(confirmation, DeliveredMessage) else None
+
+    @staticmethod
+    def _reply_headers(
+        delivery: Delivery, outcome: Outcome, stripped: bool, budget: int
+    ) -> tuple[str | None, dict[str, Any], list[str]]:
+        """The reply's correlation id and headers made to fit `budget`, and what was dropped."""
+        wanted_id = delivery.correlation_id or outcome.task_id
+        correlation_id = fit_shortstr(wanted_id)
+        headers: dict[str, Any] = {STATUS_HEADER: outcome.status}
+        if outcome.trace_headers and not stripped:
+            headers.update(outcome.trace_headers)
+        headers, dropped = reply_headers(correlation_id, headers, budget)
+        if correlation_id != wanted_id:
+            dropped = ["correlation_id", *dropped]
+            headers = {**headers, TRUNCATED_HEADER: ",".join(dropped)}
+        return correlation_id, headers, dropped
 
     async def append_record(self, record: bytes) -> None:
         """The outcome record alone (confirmed): after a dead letter, see the ingress."""
@@ -226,9 +262,10 @@ class Publisher:
                 raise
         return letter.truncated
 
-    async def _open_dead_channel(self) -> aiormq.abc.AbstractChannel:
+    async def _open_confirm_channel(self) -> aiormq.abc.AbstractChannel:
         underlay = await self._channel.get_underlay_channel()
-        return await underlay.connection.channel(publisher_confirms=True)
+        # A publish RabbitMQ returns (mandatory, no queue) resolves to the returned message.
+        return await underlay.connection.channel(publisher_confirms=True, on_return_raises=False)
 
 
 # A batch of records is one stream message, and RabbitMQ closes the channel on a message over

@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 import aio_pika
+import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
@@ -26,6 +27,7 @@ from aiormq.abc import DeliveredMessage
 
 from broker.amqp.connection import connect
 from broker.amqp.nodes import AmqpNodes, open_on_a_node
+from broker.amqp.renewable_channel import RenewableChannel
 from broker.amqp.session import CONNECTION_ERRORS
 from broker.amqp.topology import declare
 from broker.amqp.urls import redact
@@ -51,6 +53,16 @@ CLOSE_S = 5.0
 PUBLISH_ATTEMPTS = 8
 PUBLISH_WAIT_S = 60.0
 PUBLISH_RETRY_ON: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncio.TimeoutError)
+PUBLISH_RETRY_OR_NACK: tuple[type[BaseException], ...] = (
+    *PUBLISH_RETRY_ON,
+    aiormq.exceptions.DeliveryError,
+)
+
+
+def _is_nack(error: BaseException) -> bool:
+    return isinstance(error, aiormq.exceptions.DeliveryError) and isinstance(
+        error.frame, aiormq.spec.Basic.Nack
+    )
 
 
 class SubmitError(BrokerError):
@@ -82,6 +94,9 @@ class SwarmClient:
         self._channel: AbstractChannel | None = None
         self._tasks: AbstractExchange | None = None
         self._replies: AbstractQueue | None = None
+        # Tasks go out on a confirm channel of their own, replaced after a nack: a quorum
+        # queue that refused on a channel may keep refusing on it (renewable_channel.py).
+        self._publishing = RenewableChannel(self._open_publish_channel)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._progress_listeners: dict[str, Callable[[ProgressMessage], None]] = {}
         # Named once: the same queue is consumed again after a reconnect.
@@ -195,6 +210,12 @@ class SwarmClient:
             raise
         self._ready.set()
 
+    async def _open_publish_channel(self) -> aiormq.abc.AbstractChannel:
+        assert self._channel is not None
+        underlay = await self._channel.get_underlay_channel()
+        # A publish RabbitMQ returns (mandatory, no queue) resolves to the returned message.
+        return await underlay.connection.channel(publisher_confirms=True, on_return_raises=False)
+
     async def _close_connection(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed:
@@ -301,7 +322,8 @@ class SwarmClient:
     async def _publish(
         self, tasks: AbstractExchange, message: aio_pika.Message, task_type: str
     ) -> object:
-        """Publish with confirms; while the connection is being restored, try again. Safe:
+        """Publish with confirms; while the connection is being restored, or RabbitMQ nacks (a
+        full queue, a quorum queue electing a leader), try again with backoff. Safe:
         the daemon answers a task id once, however often it is published."""
         for attempt in range(PUBLISH_ATTEMPTS):
             if attempt:
@@ -313,8 +335,24 @@ class SwarmClient:
                 await asyncio.wait_for(self._ready.wait(), PUBLISH_WAIT_S)
             assert self._tasks is not None
             try:
-                return await self._tasks.publish(message, task_type, mandatory=True)
-            except PUBLISH_RETRY_ON:
+                async with self._publishing.use() as channel:
+                    try:
+                        return await channel.basic_publish(
+                            message.body,
+                            exchange=self._tasks.name,
+                            routing_key=task_type,
+                            properties=message.properties,
+                            mandatory=True,
+                        )
+                    except aiormq.exceptions.DeliveryError as exc:
+                        if _is_nack(exc):
+                            self._publishing.renew(channel)
+                        raise
+            except PUBLISH_RETRY_OR_NACK as exc:
+                # A nack: the task queue is full (reject-publish) or, on a cluster, its
+                # quorum queue is electing a leader; either may pass within seconds.
+                if not isinstance(exc, PUBLISH_RETRY_ON) and not _is_nack(exc):
+                    raise
                 if attempt == PUBLISH_ATTEMPTS - 1:
                     raise
                 await asyncio.sleep(min(5.0, 0.1 * 2**attempt))

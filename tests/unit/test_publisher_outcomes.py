@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Iterable
 
 import aiormq
 import pytest
-from fakes.server import MemoryBroker, Published, failing, nack
+from fakes.server import MemoryBroker, Published, failing, nack, returned
 from fakes.swarm import REPLY_QUEUE, delivery, task_body
 
 import broker.amqp.outcome_publishing
@@ -40,7 +40,10 @@ class Outcomes:
         self.ready = asyncio.Event()
         self.ready.set()
         self.stats = PublishStats()
-        self.publishing = OutcomePublishing(self.ready, lambda: self.session, self.stats)
+        # A refused reply is sent again once (0.2 s later) before it is dead-lettered.
+        self.publishing = OutcomePublishing(
+            self.ready, lambda: self.session, self.stats, refused_reply_retry_s=0.5
+        )
 
     async def reconnect(self) -> None:
         """The connection drops; the ingress opens the next session."""
@@ -212,7 +215,33 @@ async def test_a_reply_its_queue_refuses_is_counted_and_dead_lettered(
     assert letter.headers[ERROR_CODE_HEADER] == REPLY_UNDELIVERABLE
     assert "refused" in letter.headers[ERROR_MESSAGE_HEADER]
     assert letter.headers[UNDELIVERED_REPLY_HEADER] == REPLY_QUEUE
-    assert len(memory.to(routing_key=REPLY_QUEUE)) == 1  # not sent again
+    assert len(memory.to(routing_key=REPLY_QUEUE)) == 2  # refused, sent again, refused
+    assert outcomes.stats.replies_resent == 1
+    assert len(memory.to(exchange=RESULTS_EXCHANGE)) == 1  # the copy went out once
+
+
+async def test_a_refused_reply_taken_when_sent_again_is_neither_counted_nor_dead_lettered(
+    memory: MemoryBroker, outcomes: Outcomes
+) -> None:
+    memory.on_publish(nack, routing_key=REPLY_QUEUE, times=1)  # a leader election, say
+    await outcomes.publishing.publish(delivery(task_body("t")), ok_outcome(), None)
+    assert (outcomes.stats.replies_resent, outcomes.stats.replies_refused) == (1, 0)
+    assert memory.to(exchange=DEAD_EXCHANGE) == []
+    (reply,) = memory.queue(REPLY_QUEUE).delivered
+    assert decode(reply.body)["status"] == "ok"
+    assert len(memory.to(exchange=RESULTS_EXCHANGE)) == 1
+
+
+async def test_a_refused_reply_whose_queue_goes_meanwhile_is_dead_lettered_as_returned(
+    memory: MemoryBroker, outcomes: Outcomes
+) -> None:
+    memory.on_publish(nack, routing_key=REPLY_QUEUE, times=1)
+    memory.on_publish(returned, routing_key=REPLY_QUEUE, times=1)
+    await outcomes.publishing.publish(delivery(task_body("t")), ok_outcome(), None)
+    assert outcomes.stats.replies_refused == 0
+    (letter,) = memory.to(exchange=DEAD_EXCHANGE)
+    assert letter.headers[ERROR_CODE_HEADER] == REPLY_UNDELIVERABLE
+    assert "returned" in letter.headers[ERROR_MESSAGE_HEADER]
 
 
 async def test_a_copy_swarm_results_refuses_is_counted_not_sent_again_nor_dead_lettered(

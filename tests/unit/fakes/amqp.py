@@ -273,8 +273,12 @@ class FakeConnection:
         self.channels.append(channel)
         return channel
 
-    async def channel(self, publisher_confirms: bool = True) -> FakeUnderlayChannel:
-        """aiormq's `connection.channel()` (the dead-letter channel is opened this way)."""
+    async def channel(
+        self, publisher_confirms: bool = True, on_return_raises: bool = True
+    ) -> FakeUnderlayChannel:
+        """aiormq's `connection.channel()` (the dead-letter and re-send channels are opened
+        this way); a returned publish resolves to the message either way, as with
+        `on_return_raises=False`, which is how Swarm opens them."""
         if self.is_closed:
             raise ConnectionError("connection is closed")
         return self.open_channel().underlay
