@@ -14,7 +14,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from broker.amqp.frames import frame_extras
-from broker.amqp.nodes import AmqpNodes, open_on_a_node
+from broker.amqp.nodes import AmqpNodes, open_on_a_node, reopen_on_a_node
 from broker.amqp.outcome_publishing import OutcomePublishing, PublishAbandoned
 from broker.amqp.outcomes import OutcomeStore
 from broker.amqp.pipelined import Acks, Deliveries
@@ -287,22 +287,17 @@ class Ingress:
             self.nodes.lost()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._session.close(), SESSION_CLOSE_S)
-            delay_s = RECONNECT_FIRST_S
-            while not self._stopping:
-                try:
-                    await self._open_session()
-                    log.info("reconnected", node=self.node, sessions=self.sessions)
-                    break
-                except Exception as exc:
-                    # Every node was tried once: back off before the next round.
-                    log.warning(
-                        "reconnect_failed",
-                        error=f"{type(exc).__name__}: {exc}".rstrip(": "),
-                        retry_in_s=delay_s,
-                    )
-                    log.debug("reconnect_failed_traceback", exc_info=True)
-                    await asyncio.sleep(delay_s)
-                    delay_s = min(RECONNECT_MAX_S, delay_s * 2)
+            reopened = await reopen_on_a_node(
+                self.nodes,
+                self._open_session_on,
+                self._node_failed,
+                first_s=RECONNECT_FIRST_S,
+                max_s=RECONNECT_MAX_S,
+                stopped=lambda: self._stopping,
+                on_round_failed=_reconnect_failed,
+            )
+            if reopened:
+                log.info("reconnected", node=self.node, sessions=self.sessions)
 
     @property
     def node(self) -> str | None:
@@ -503,6 +498,15 @@ class Ingress:
         await self._store.detach()
         if self._session is not None:
             await self._session.close()
+
+
+def _reconnect_failed(exc: Exception, retry_in_s: float) -> None:
+    log.warning(
+        "reconnect_failed",
+        error=f"{type(exc).__name__}: {exc}".rstrip(": "),
+        retry_in_s=retry_in_s,
+    )
+    log.debug("reconnect_failed_traceback", exc_info=exc)
 
 
 def _progress_key(delivery: Delivery) -> int:

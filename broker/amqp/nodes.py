@@ -6,6 +6,7 @@ a time; when that connection is lost, the next attempt starts with the node afte
 dead node is tried last, and each node is tried once per round before the caller backs off.
 """
 
+import asyncio
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -87,6 +88,32 @@ async def open_on_a_node(
         f"cannot reach RabbitMQ at any of its {len(failures)} nodes ({reasons}). Start them "
         "or point AMQP_URL at running brokers."
     ) from failures[-1][1]
+
+
+async def reopen_on_a_node(
+    nodes: AmqpNodes,
+    open_one: Callable[[str], Awaitable[object]],
+    on_node_failed: Callable[[str, Exception], None],
+    *,
+    first_s: float,
+    max_s: float,
+    stopped: Callable[[], bool],
+    on_round_failed: Callable[[Exception, float], None],
+) -> bool:
+    """After a lost connection: rounds of `open_on_a_node` until one opens (True), or until
+    `stopped()` (False). Between rounds, `on_round_failed(error, delay_s)` and a sleep of
+    `delay_s`, doubling from `first_s` up to `max_s`: every node was tried once, so hammering
+    them again at once would only add load to a cluster that is restarting."""
+    delay_s = first_s
+    while not stopped():
+        try:
+            await open_on_a_node(nodes, open_one, on_node_failed)
+            return True
+        except Exception as exc:
+            on_round_failed(exc, delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(max_s, delay_s * 2)
+    return False
 
 
 def _reason(exc: Exception) -> str:

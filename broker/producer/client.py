@@ -26,7 +26,7 @@ from aio_pika.abc import (
 from aiormq.abc import DeliveredMessage
 
 from broker.amqp.connection import connect
-from broker.amqp.nodes import AmqpNodes, open_on_a_node
+from broker.amqp.nodes import AmqpNodes, open_on_a_node, reopen_on_a_node
 from broker.amqp.renewable_channel import RenewableChannel
 from broker.amqp.session import CONNECTION_ERRORS
 from broker.amqp.topology import declare
@@ -62,6 +62,12 @@ PUBLISH_RETRY_OR_NACK: tuple[type[BaseException], ...] = (
 def _is_nack(error: BaseException) -> bool:
     return isinstance(error, aiormq.exceptions.DeliveryError) and isinstance(
         error.frame, aiormq.spec.Basic.Nack
+    )
+
+
+def _reconnect_failed(exc: Exception, retry_in_s: float) -> None:
+    log.warning(
+        "client_reconnect_failed", error=f"{type(exc).__name__}: {exc}", retry_in_s=retry_in_s
     )
 
 
@@ -143,21 +149,17 @@ class SwarmClient:
             log.warning("client_connection_lost", node=self.node)
             self._nodes.lost()
             await self._close_connection()
-            delay_s = RECONNECT_FIRST_S
-            while not self._closing:
-                try:
-                    await self._open()
-                    log.info("client_reconnected", node=self.node)
-                    break
-                except Exception as exc:
-                    # Every node was tried once: back off before the next round.
-                    log.warning(
-                        "client_reconnect_failed",
-                        error=f"{type(exc).__name__}: {exc}",
-                        retry_in_s=delay_s,
-                    )
-                    await asyncio.sleep(delay_s)
-                    delay_s = min(RECONNECT_MAX_S, delay_s * 2)
+            reopened = await reopen_on_a_node(
+                self._nodes,
+                self._open_on,
+                self._node_failed,
+                first_s=RECONNECT_FIRST_S,
+                max_s=RECONNECT_MAX_S,
+                stopped=lambda: self._closing,
+                on_round_failed=_reconnect_failed,
+            )
+            if reopened:
+                log.info("client_reconnected", node=self.node)
 
     async def _open(self) -> None:
         """A session on the first node of a round that takes one (broker/amqp/nodes.py)."""
