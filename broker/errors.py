@@ -13,6 +13,14 @@ class AmqpUnavailable(BrokerError):
     """RabbitMQ could not be reached or refused us."""
 
 
+class AmqpLoginRefused(AmqpUnavailable):
+    """RabbitMQ answered but refused the user name or password."""
+
+
+class AmqpVhostRefused(AmqpUnavailable):
+    """RabbitMQ took the login but refused the virtual host (missing, or no permissions)."""
+
+
 class SettlementError(BrokerError):
     """A delivery was asked to do what its state does not allow (broker/tasks/settlement.py): a
     second ack, a requeue after an ack. Always a bug in Swarm, never the producer's doing."""

@@ -21,6 +21,7 @@ from schemas.topology import (
     REPLY_UNDELIVERABLE,
     SOURCE_QUEUE_HEADER,
     STATUS_HEADER,
+    TRACEBACK_HEADER,
     TRUNCATED_HEADER,
     UNDELIVERED_REPLY_HEADER,
     task_queue,
@@ -174,6 +175,13 @@ def message_components(
                     ATTEMPTS_HEADER: {
                         "type": "integer",
                         "description": "Runs started; 0 for a task rejected on arrival.",
+                    },
+                    TRACEBACK_HEADER: {
+                        "type": "string",
+                        "maxLength": 8192,
+                        "description": "Swarm's addition: the traceback of the exception the "
+                        "handler raised, its end kept; cut first (to its last 256 bytes, or "
+                        "left out) when the headers would not fit one frame.",
                     },
                     UNDELIVERED_REPLY_HEADER: {
                         "type": "string",

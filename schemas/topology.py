@@ -20,6 +20,9 @@ SOURCE_QUEUE_HEADER: Final = "x-swarm-source-queue"
 ATTEMPTS_HEADER: Final = "x-swarm-attempts"
 # Swarm's addition to the dead-letter headers: set when the reply could not reach `reply_to`.
 UNDELIVERED_REPLY_HEADER: Final = "x-swarm-reply-undeliverable"
+# Swarm's addition to the dead-letter headers: the traceback of the exception the handler
+# raised (at most 8,192 characters, its end kept; cut first when the frame is short).
+TRACEBACK_HEADER: Final = "x-swarm-traceback"
 # On a reply or dead letter: what was dropped or shortened to make it fit one content-header
 # frame (comma-separated names, in the order they were cut).
 TRUNCATED_HEADER: Final = "x-swarm-headers-truncated"

@@ -6,6 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from daemon_process import SWARM
 
 from broker.amqp.urls import redact
@@ -102,6 +103,29 @@ async def test_unreachable_rabbitmq_is_one_clear_line() -> None:
         assert "rabbitmq-server" in last
         assert "Traceback" not in done.stderr
         assert "secret" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("credentials", "vhost", "said"),
+    [
+        ("guest:wrong-password", "", "refused the login of user 'guest': wrong user name or"),
+        ("guest:guest", "no-such-vhost", "refused virtual host 'no-such-vhost' to user 'guest'"),
+    ],
+)
+async def test_a_refused_login_or_vhost_is_one_line_that_says_which(
+    credentials: str, vhost: str, said: str
+) -> None:
+    url = f"amqp://{credentials}@127.0.0.1:5672/{vhost}"
+    for command in (["status"], ["run"]):
+        done = await _swarm(*command, amqp_url=url)
+        assert done.returncode == 1, done.stderr
+        lines = done.stderr.strip().splitlines()
+        if command == ["status"]:
+            assert len(lines) == 1, done.stderr
+        assert lines[-1].startswith("swarm: RabbitMQ at amqp://guest:***@127.0.0.1:5672/")
+        assert said in lines[-1]
+        assert "cannot reach" not in done.stderr and "Start it" not in done.stderr
+        assert "Traceback" not in done.stderr and "wrong-password" not in done.stderr
 
 
 async def test_unreachable_ray_is_one_clear_line(amqp_url: str) -> None:

@@ -2,10 +2,13 @@
 
 import msgpack
 import pytest
+import structlog
 from conftest import DaemonFactory
 from raw import RawProducer, task
+from structlog.testing import LogCapture
 
 from broker.daemon import Daemon
+from schemas.topology import TRACEBACK_HEADER
 
 
 @pytest.mark.parametrize("task_type", ["training", "inference", "data_processing"])
@@ -111,6 +114,32 @@ async def test_handler_error_is_final_not_retried(daemon: Daemon, producer: RawP
     assert letter.headers["x-swarm-error-code"] == "handler_error"
     assert letter.headers["x-swarm-attempts"] == 1
     assert msgpack.unpackb(letter.body) == body
+
+
+async def test_a_handler_that_raises_logs_one_line_and_dead_letters_its_traceback(
+    daemon: Daemon, producer: RawProducer
+) -> None:
+    inbox = await producer.inbox()
+    dead = await producer.watch_dead()
+    body = task("inference", "fail", {"message": "boom"}, id="traceback-1")
+    capture = LogCapture()
+    processors = structlog.get_config()["processors"]
+    # As the daemon's configuration merges them (broker/logging.py): the task id is bound.
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, capture])
+    try:
+        await producer.publish("inference", body, reply_to=inbox.name)
+        payload = (await inbox.one()).payload
+        letter = await dead.one()
+    finally:
+        structlog.configure(processors=processors)
+    assert payload["error"]["message"] == "HandlerFailure: boom"  # the reply stays short
+    trace = letter.headers[TRACEBACK_HEADER]
+    assert trace.startswith("Traceback (most recent call last):")
+    assert 'workers/builtin.py", line' in trace and trace.endswith("HandlerFailure: boom")
+    [line] = [entry for entry in capture.entries if entry["event"] == "handler_failed"]
+    assert line["log_level"] == "error"
+    assert (line["task_id"], line["handler"], line["attempt"]) == ("traceback-1", "fail", 1)
+    assert line["traceback"] == trace
 
 
 async def test_tasks_run_concurrently_on_one_actor(

@@ -12,7 +12,7 @@ import pydantic
 
 from workers.batching import Batcher
 from workers.context import ActorContext, ProgressSink, TaskContext, no_progress
-from workers.outcome import RunOutcome
+from workers.outcome import RunOutcome, bounded_traceback
 from workers.registry import HandlerSpec, load_handlers
 from workers.results import encode_result
 from workers.setups import Setups
@@ -105,6 +105,7 @@ class WorkerActor:
                 error_code="handler_error",
                 error_message=f"{type(exc).__name__}: {exc}",
                 run_ms=_ms_since(started),
+                traceback=bounded_traceback(exc),
             )
         run_ms = _ms_since(started)
         try:

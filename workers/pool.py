@@ -9,7 +9,7 @@ from typing import Any
 from workers.actor import WorkerActor
 from workers.coalescing import CallCoalescer
 from workers.errors import PoolStartError, WorkerLost
-from workers.outcome import RunOutcome
+from workers.outcome import TRACEBACK_MAX_CHARS, RunOutcome
 from workers.resources import ResourceVector
 
 _BYTES_PER_MB = 1024 * 1024
@@ -209,5 +209,10 @@ def _failed_call(key: str, exc: Exception) -> RunOutcome:
     if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
         raise WorkerLost(key, type(exc).__name__) from exc
     if isinstance(exc, ray.exceptions.RayTaskError):
-        return RunOutcome(ok=False, error_code="handler_error", error_message=str(exc.cause))
+        return RunOutcome(
+            ok=False,
+            error_code="handler_error",
+            error_message=str(exc.cause),
+            traceback=str(exc)[-TRACEBACK_MAX_CHARS:],  # Ray's text holds the remote one
+        )
     raise exc

@@ -9,13 +9,16 @@ an original entry with the same key as one of Swarm's is left out (no duplicate 
 The dead letter's rule. `x-swarm-error-message` holds at most 4096 characters, as always.
 When the properties would not fit the frame (`frame_max - 20` bytes; once anything is cut,
 about 1 KB of that is kept for the header that names it):
+0. the handler's traceback (`x-swarm-traceback`) loses its beginning, down to its last 256
+   bytes, and is left out below that;
 1. the error message is shortened to what fits, but not below its first 256 bytes;
 2. then original header entries are dropped, largest first, until it fits.
 An original property that cannot be written again (salvaged from a malformed header) is
 left out. Each is named in `x-swarm-headers-truncated` (comma-separated, in that order, at
 most 1 KB of names, then ",..."). A *stripped* dead letter (the last line of defence, see
-broker/amqp/outcome_publishing.py) keeps no original header, only the `message_id`,
-`correlation_id`, `content_type` and `delivery_mode` properties, and 256 bytes of message.
+broker/amqp/outcome_publishing.py) keeps no original header and no traceback, only the
+`message_id`, `correlation_id`, `content_type` and `delivery_mode` properties, and 256 bytes
+of message.
 """
 
 import datetime
@@ -40,7 +43,12 @@ from broker.amqp.frame_fit import (
     fit_shortstr,
 )
 from broker.tasks.delivery import Delivery
-from schemas.topology import ERROR_MESSAGE_HEADER, ORIGINAL_USER_HEADER, TRUNCATED_HEADER
+from schemas.topology import (
+    ERROR_MESSAGE_HEADER,
+    ORIGINAL_USER_HEADER,
+    TRACEBACK_HEADER,
+    TRUNCATED_HEADER,
+)
 
 # The properties a dead letter keeps (by their aio-pika names, as in Delivery.properties).
 # Not `expiration` (it would expire on swarm.dead) nor `user_id` (RabbitMQ refuses another
@@ -100,10 +108,23 @@ def build_dead_letter(
         if swarm[ERROR_MESSAGE_HEADER] != message:
             truncated.append(ERROR_MESSAGE_HEADER)
 
+    trace = swarm.pop(TRACEBACK_HEADER, None)
+    if trace and stripped:
+        truncated.append(TRACEBACK_HEADER)
+        trace = None
+
     fixed = len(EncodedHeadersProperties(b"", **properties).marshal()) + 4  # + table length
     if not properties.get("message_id"):
         fixed += FILLED_MESSAGE_ID_SIZE
-    original, own = _fit(original, swarm, budget - fixed, truncated)
+    room = budget - fixed
+    trace_entry = None
+    if trace:
+        trace_entry = _fit_traceback(str(trace), original, swarm, room, truncated)
+        if trace_entry is not None:
+            room -= len(trace_entry[1])
+    original, own = _fit(original, swarm, room, truncated)
+    if trace_entry is not None:
+        own.append(trace_entry)
     if truncated:
         # Ours names what was cut: a producer's own entry of that name would be a duplicate.
         original = [e for e in original if e[0] != TRUNCATED_HEADER.encode()]
@@ -112,6 +133,26 @@ def build_dead_letter(
     return DeadLetter(
         delivery.body, EncodedHeadersProperties(table, **properties), tuple(truncated)
     )
+
+
+def _fit_traceback(
+    trace: str, original: list[TableEntry], swarm: dict[str, Any], room: int, truncated: list[str]
+) -> TableEntry | None:
+    """Step 0 of the rule: the traceback's entry, whole when everything fits, else its end
+    in the room the other entries leave (None below MESSAGE_MIN_BYTES)."""
+    others = sum(len(entry) for _, entry in original) + sum(
+        len(encode_entry(key, value)[1]) for key, value in swarm.items()
+    )
+    whole = encode_entry(TRACEBACK_HEADER, trace)
+    reserve = _TRUNCATED_ENTRY_MAX if truncated else 0
+    if others + len(whole[1]) + reserve <= room:
+        return whole
+    truncated.append(TRACEBACK_HEADER)
+    overhead = len(whole[1]) - len(trace.encode())
+    left = room - others - _TRUNCATED_ENTRY_MAX - overhead
+    if left < MESSAGE_MIN_BYTES:
+        return None
+    return encode_entry(TRACEBACK_HEADER, _cut_head(trace, left))
 
 
 def _fit(
@@ -203,6 +244,14 @@ def _cut(text: str, max_bytes: int) -> str:
     if len(raw) <= max_bytes:
         return text
     return raw[: max(0, max_bytes)].decode(errors="ignore")
+
+
+def _cut_head(text: str, max_bytes: int) -> str:
+    """The end of `text` within `max_bytes` of UTF-8, cut on a character boundary."""
+    raw = text.encode()
+    if len(raw) <= max_bytes:
+        return text
+    return raw[len(raw) - max(0, max_bytes) :].decode(errors="ignore")
 
 
 def _truncated_list(names: list[str]) -> str:

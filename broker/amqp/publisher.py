@@ -39,6 +39,7 @@ from schemas.topology import (
     ERROR_MESSAGE_HEADER,
     SOURCE_QUEUE_HEADER,
     STATUS_HEADER,
+    TRACEBACK_HEADER,
     TRUNCATED_HEADER,
 )
 
@@ -235,6 +236,8 @@ class Publisher:
             ATTEMPTS_HEADER: outcome.attempts,
             **reason.extra,
         }
+        if outcome.traceback:
+            swarm_headers[TRACEBACK_HEADER] = outcome.traceback
         async with self._dead_channel.use() as channel:
             budget = properties_budget(channel.connection.connection_tune.frame_max)
             letter = build_dead_letter(

@@ -41,6 +41,9 @@ class Outcome:
     pool: str | None = None
     queued_ms: float = 0.0
     run_ms: float = 0.0
+    # The handler's traceback (bounded), for the dead letter's x-swarm-traceback; never in
+    # the reply.
+    traceback: str | None = None
     # W3C trace context headers for the reply (broker/ops/tracing.py); None without a trace.
     trace_headers: dict[str, str] | None = None
     # The processor's entry for the run that produced it, ended once the outcome is settled
@@ -67,6 +70,7 @@ def rejected(
     node: str | None = None,
     queued_ms: float = 0.0,
     run_ms: float = 0.0,
+    traceback: str | None = None,
 ) -> Outcome:
     """An outcome with an error: `error` (with `rejection.code`), `expired` or `cancelled`."""
     task_id = task_id or rejection.task_id
@@ -93,6 +97,7 @@ def rejected(
         pool=pool,
         queued_ms=max(0.0, queued_ms),
         run_ms=run_ms,
+        traceback=traceback,
     )
 
 

@@ -278,7 +278,13 @@ class TaskProcessor:
         while True:
             try:
                 actor = await self._scheduler.acquire(
-                    pool, request, task.priority or 0, delivery.queue, deadline_s=task.deadline
+                    pool,
+                    request,
+                    task.priority or 0,
+                    delivery.queue,
+                    deadline_s=task.deadline,
+                    # Waiting-age metric: a task not started yet (a retry has run).
+                    origin=None if active.attempts else delivery,
                 )
             except DeadlinePassed:
                 return self._expired(task, active.attempts, _ms_since(delivery) - ran_ms)
@@ -380,6 +386,16 @@ class TaskProcessor:
                     run_ms=result.run_ms,
                 )
             code = result.error_code or "handler_error"
+            if result.traceback is not None:
+                # One line (the traceback a field of it), with the task id bound by the
+                # ingress: the reply carries only "Type: message".
+                log.error(
+                    "handler_failed",
+                    handler=task.handler,
+                    attempt=active.attempts,
+                    error=result.error_message,
+                    traceback=result.traceback,
+                )
             if code == "timeout":
                 self._retire_if_stuck(spec, actor)
             retry = result.retry_delay_s is not None or (
@@ -400,6 +416,7 @@ class TaskProcessor:
                 node=actor.node_id,
                 queued_ms=queued_ms,
                 run_ms=result.run_ms,
+                traceback=result.traceback,
             )
 
     def _progress_reporter(

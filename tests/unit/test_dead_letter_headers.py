@@ -20,7 +20,12 @@ from broker.amqp.frame_fit import (
     reply_properties_for,
 )
 from broker.tasks.delivery import Delivery
-from schemas.topology import ERROR_CODE_HEADER, ERROR_MESSAGE_HEADER, TRUNCATED_HEADER
+from schemas.topology import (
+    ERROR_CODE_HEADER,
+    ERROR_MESSAGE_HEADER,
+    TRACEBACK_HEADER,
+    TRUNCATED_HEADER,
+)
 
 BUDGET = properties_budget(131072)
 HOSTILE: dict[str, Any] = {
@@ -162,3 +167,55 @@ def test_values_are_counted_in_nested_tables_and_arrays_without_decoding() -> No
     # Undecodable parts end the walk of their container, never raise.
     assert not values_over(entry(b"\xff", b"T" + b"\xff" * 8) + b"\x01k?", 5)
     assert values_over(entry(b"m", sized(b"A", b"V" * 120_000)), 1024)
+
+
+TRACE = (
+    "Traceback (most recent call last):\n"
+    + "".join(
+        f'  File "handlers.py", line {i}, in step_{i}\n    step_{i + 1}()\n' for i in range(300)
+    )
+    + "ValueError: the innermost frame and the error come last"
+)
+
+
+def test_a_traceback_that_fits_is_carried_whole() -> None:
+    letter = build_dead_letter(
+        delivery({"a": 1}), "t1", swarm() | {TRACEBACK_HEADER: TRACE}, BUDGET
+    )
+    decoded = received(letter.properties).headers
+    assert decoded[TRACEBACK_HEADER] == TRACE
+    assert TRUNCATED_HEADER not in decoded
+
+
+def test_a_traceback_is_cut_first_keeping_its_end_when_the_frame_is_short() -> None:
+    headers = {f"h{i:03d}": "v" * 990 for i in range(125)}  # leaves room for part of TRACE
+    letter = build_dead_letter(
+        delivery(headers), "t1", swarm("m" * 300) | {TRACEBACK_HEADER: TRACE}, BUDGET
+    )
+    assert properties_size(letter.properties) <= BUDGET
+    decoded = received(letter.properties).headers
+    kept = decoded[TRACEBACK_HEADER]
+    assert 256 <= len(kept) < len(TRACE) and TRACE.endswith(kept)
+    assert decoded[TRUNCATED_HEADER].split(",") == [TRACEBACK_HEADER]  # nothing else cut
+    assert decoded[ERROR_MESSAGE_HEADER] == "m" * 300
+    assert all(decoded[key] == value for key, value in headers.items())
+
+
+def test_a_traceback_without_room_for_its_last_256_bytes_is_left_out() -> None:
+    headers = {f"h{i:03d}": "v" * 990 for i in range(130)}
+    letter = build_dead_letter(
+        delivery(headers), "t1", swarm("m" * 300) | {TRACEBACK_HEADER: TRACE}, BUDGET
+    )
+    assert properties_size(letter.properties) <= BUDGET
+    decoded = received(letter.properties).headers
+    assert TRACEBACK_HEADER not in decoded
+    assert decoded[TRUNCATED_HEADER].split(",")[0] == TRACEBACK_HEADER
+
+
+def test_a_stripped_dead_letter_leaves_the_traceback_out() -> None:
+    letter = build_dead_letter(
+        delivery({}), "t1", swarm() | {TRACEBACK_HEADER: TRACE}, BUDGET, stripped=True
+    )
+    decoded = received(letter.properties).headers
+    assert TRACEBACK_HEADER not in decoded
+    assert decoded[TRUNCATED_HEADER] == TRACEBACK_HEADER
