@@ -7,10 +7,11 @@ so a producer never pays Ray's import.
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aio_pika
 import aiormq
@@ -44,6 +45,9 @@ from schemas.topology import (
 )
 
 log = structlog.get_logger("swarm.client")
+
+P = ParamSpec("P")
+S = TypeVar("S")
 
 REPLY_QUEUE_EXPIRES_MS = 30 * 60 * 1000
 RECONNECT_FIRST_S = 0.2
@@ -432,18 +436,27 @@ class SwarmClient:
         return reply.result  # type: ignore[no-any-return]
 
 
+def _takes_the_arguments_of(
+    source: Callable[Concatenate[Any, P], None],
+) -> Callable[[Callable[Concatenate[S, ...], None]], Callable[Concatenate[S, P], None]]:
+    """Declares that the decorated `__init__` takes exactly the arguments of `source` (another
+    `__init__`), so they are written once: type checkers and IDEs read them from the
+    ParamSpec, and `inspect.signature` (help(), Jupyter, jedi) from `__wrapped__`."""
+
+    def declare(init: Callable[Concatenate[S, ...], None]) -> Callable[Concatenate[S, P], None]:
+        functools.update_wrapper(init, source, assigned=(), updated=())
+        return init
+
+    return declare
+
+
 class SyncSwarmClient:
     """A blocking wrapper for scripts: `with SyncSwarmClient(url) as swarm: swarm.submit(...)`."""
 
-    def __init__(
-        self,
-        amqp_url: str | Sequence[str],
-        *,
-        reply_timeout_s: float | None = None,
-        shuffle: bool = False,
-    ) -> None:
+    @_takes_the_arguments_of(SwarmClient.__init__)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._loop = asyncio.new_event_loop()
-        self._client = SwarmClient(amqp_url, reply_timeout_s=reply_timeout_s, shuffle=shuffle)
+        self._client = SwarmClient(*args, **kwargs)
 
     def __enter__(self) -> "SyncSwarmClient":
         self._loop.run_until_complete(self._client.connect())
