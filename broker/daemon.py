@@ -16,6 +16,7 @@ from broker.amqp.publish_stats import PublishCollector
 from broker.ops import memory
 from broker.ops.control import ControlProcessor
 from broker.ops.metrics import ClusterView, DaemonMetrics, MetricsServer
+from broker.ops.waiting_age import oldest_waiting
 from broker.scheduling.ledger import Ledger
 from broker.scheduling.pools import PoolSet
 from broker.scheduling.scheduler import Scheduler
@@ -23,6 +24,7 @@ from broker.settings import Settings
 from broker.tasks.delivery import Delivery
 from broker.tasks.outcome import Outcome
 from broker.tasks.processor import TaskProcessor
+from schemas.topology import DEAD_QUEUE
 from workers import cluster
 from workers.registry import load_handlers
 
@@ -170,11 +172,17 @@ class Daemon:
             view["scale_up_actors"] = self.pools.scale_up(name)
             pools[name] = view
         nodes = [self.scheduler.ledger.node_view(n) for n in self.scheduler.ledger.alive_nodes()]
+        queues = await self._queue_depths()
+        task_queues = [name for name in queues if name != DEAD_QUEUE]
+        consumers = ingress.depth_reader.consumers if ingress is not None else {}
         return ClusterView(
             pools=pools,
             nodes=nodes,
-            queues=await self._queue_depths(),
+            queues=queues,
             in_flight=self.tasks.active.count,
+            consumers={name: consumers[name] for name in task_queues if name in consumers},
+            # After the await: the waiters as they are now.
+            oldest_waiting=oldest_waiting(self.scheduler.waiting_origins(), task_queues),
         )
 
     @property

@@ -24,6 +24,15 @@ if ! command -v docker-compose >/dev/null && command -v apt-get >/dev/null && [ 
     || echo "docker-compose not installed: tests/test_compose.py will be skipped" >&2
 fi
 
+# promtool (Debian's prometheus package) checks and unit-tests deploy/prometheus/alerts.yml
+# (tests/test_alerting.py). Best effort: without it those tests are skipped.
+if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing promtool (apt-get: prometheus)" >&2
+  apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; }
+  { apt_install || { apt-get update -qq && apt_install; }; } >/dev/null 2>&1 \
+    || echo "promtool not installed: tests/test_alerting.py's promtool tests will be skipped" >&2
+fi
+
 amqp_up() {
   .venv/bin/python - <<'PY'
 import asyncio, os, sys

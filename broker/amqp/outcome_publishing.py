@@ -154,6 +154,8 @@ class OutcomePublishing:
         finally:
             if waiting:
                 self.stats.dead_letters_waiting -= 1
+        counts = self.stats.dead_letters
+        counts[reason.code] = counts.get(reason.code, 0) + 1  # confirmed by swarm.dead
         if truncated:
             self.stats.headers_truncated += 1
             log.warning("dead_letter_truncated", truncated=list(truncated)[:20])

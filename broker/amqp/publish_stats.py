@@ -5,14 +5,24 @@ daemon's registry (scraped from the metrics thread: plain int reads, nothing to 
 """
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import get_args
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from schemas.reply import ErrorCode
+from schemas.topology import REPLY_UNDELIVERABLE
+
+# Every code a dead letter can carry: each is exported from the start, at 0, so that a rate
+# over the counter sees its first dead letter.
+DEAD_LETTER_CODES = (*get_args(ErrorCode), REPLY_UNDELIVERABLE)
+
 
 @dataclass
 class PublishStats:
+    # Dead letters swarm.dead confirmed, by error code.
+    dead_letters: dict[str, int] = field(default_factory=dict)
     # swarm.dead nacked a dead letter (each refusal counts; the letter is retried).
     dead_letters_refused: int = 0
     # Tasks held, unacknowledged, while their dead letter waits for room on swarm.dead.
@@ -57,6 +67,14 @@ class PublishCollector(Collector):
         )
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=value)
+        by_code = dict.fromkeys(DEAD_LETTER_CODES, 0)
+        by_code.update(s.dead_letters)  # one C-level copy: safe against the loop's writes
+        family = CounterMetricFamily(
+            "swarm_dead_letters", "Dead letters confirmed by swarm.dead, by code", labels=["code"]
+        )
+        for code, count in sorted(by_code.items()):
+            family.add_metric([code], count)
+        yield family
         yield GaugeMetricFamily(
             "swarm_dead_letters_waiting",
             "Tasks held while swarm.dead refuses their dead letter",

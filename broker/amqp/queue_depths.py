@@ -22,6 +22,8 @@ class QueueDepths:
         self._connection: AbstractConnection | None = None
         self.channels_opened = 0
         self.reads = 0
+        # Consumers per queue at the last read (every daemon's, as RabbitMQ counts them).
+        self.consumers: dict[str, int] = {}
 
     async def read(self, connection: AbstractConnection, names: list[str]) -> dict[str, int]:
         """Messages ready in each queue. Not re-entrant: callers serialise (SharedRead)."""
@@ -29,12 +31,14 @@ class QueueDepths:
         self.reads += 1
         try:
             underlay = await channel.get_underlay_channel()
-            depths = {}
+            depths, consumers = {}, {}
             for name in names:
                 declared = await underlay.queue_declare(
                     name, passive=True, timeout=DECLARE_TIMEOUT_S
                 )
                 depths[name] = int(declared.message_count or 0)
+                consumers[name] = int(declared.consumer_count or 0)
+            self.consumers = consumers
             return depths
         except BaseException:
             # Closed by RabbitMQ, timed out or cancelled half way: a fresh channel next time.

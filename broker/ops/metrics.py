@@ -11,7 +11,7 @@ import contextlib
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from threading import Thread
 from typing import Any
@@ -36,12 +36,15 @@ LIVENESS_STALL_S = 15.0
 @dataclass(frozen=True)
 class ClusterView:
     """What the refresher reads on the event loop: the ledger's and pools' views (plain data,
-    as the status op builds them), and the task queues' depths."""
+    as the status op builds them), the queues' depths, the task queues' consumers, and the
+    age in seconds of the oldest task waiting per task queue (broker/ops/waiting_age.py)."""
 
     pools: dict[str, dict[str, Any]]
     nodes: list[dict[str, Any]]
     queues: dict[str, int]
     in_flight: int
+    consumers: dict[str, int] = field(default_factory=dict)
+    oldest_waiting: dict[str, float] = field(default_factory=dict)
 
 
 class DaemonMetrics:
@@ -114,6 +117,22 @@ class DaemonMetrics:
         self.queue_depth = Gauge(
             "swarm_queue_depth", "Messages ready in a queue", ["queue"], registry=r
         )
+        self.queue_consumers = Gauge(
+            "swarm_queue_consumers",
+            "Consumers of a task queue, every daemon's (as RabbitMQ counts them)",
+            ["queue"],
+            registry=r,
+        )
+        self.oldest_waiting = Gauge(
+            "swarm_queue_oldest_waiting_seconds",
+            "Age of the oldest task of a queue the daemon holds and has not started (0: none)",
+            ["queue"],
+            registry=r,
+        )
+        self.ready_gauge = Gauge(
+            "swarm_ready", "1 while /readyz answers 200 (consuming), else 0", registry=r
+        )
+        self.ready_gauge.set_function(lambda: 1.0 if self.ready else 0.0)
         self.held_bytes = Gauge(
             "swarm_held_bytes", "Body bytes of deliveries held unsettled", registry=r
         )
@@ -181,6 +200,10 @@ class DaemonMetrics:
         self._nodes = nodes
         for queue, depth in view.queues.items():
             self.queue_depth.labels(queue).set(depth)
+        for queue, count in view.consumers.items():
+            self.queue_consumers.labels(queue).set(count)
+        for queue, age_s in view.oldest_waiting.items():
+            self.oldest_waiting.labels(queue).set(age_s)
 
     async def refresh_forever(
         self, read: Callable[[], Awaitable[ClusterView]], interval_s: float

@@ -15,7 +15,7 @@ import bisect
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
@@ -32,6 +32,7 @@ class _Waiter:
     request: ResourceVector = field(compare=False)
     placed: "asyncio.Future[ActorInfo]" = field(compare=False)
     tag: str | None = field(compare=False, default=None)
+    origin: Any = field(compare=False, default=None)  # the caller's, for `waiting_origins`
 
 
 _SERVICE_ORDER = attrgetter("order")
@@ -68,6 +69,15 @@ class Scheduler:
     def waiting(self, pool: str) -> int:
         return sum(map(len, self._waiting.get(pool, {}).values()))
 
+    def waiting_origins(self) -> Iterator[tuple[str | None, Any]]:
+        """(tag, origin) of every waiter still waiting, in no order: read-only, for the
+        oldest-waiting metric (broker/ops/waiting_age.py). Consume it without awaiting."""
+        for queues in self._waiting.values():
+            for queue in queues.values():
+                for waiter in queue:
+                    if waiter.origin is not None and not waiter.placed.done():
+                        yield waiter.tag, waiter.origin
+
     def waiting_requests(self, pool: str) -> Counter[ResourceVector]:
         """How many waiters of `pool` ask each distinct request (a copy)."""
         return Counter({request: len(q) for request, q in self._waiting.get(pool, {}).items()})
@@ -94,19 +104,23 @@ class Scheduler:
         tag: str | None = None,
         *,
         deadline_s: float | None = None,
+        origin: Any = None,
     ) -> ActorInfo:
         """An actor of `pool` with room for `request`; waits until there is one. `tag` names
         where the task came from (its queue), for the waiting-per-tag count. A wait still
         going at `deadline_s` (unix seconds, the task's `deadline`) ends then, with
         DeadlinePassed: the task is answered `expired` when its deadline passes, not when
-        room frees up, and leaves the waiting list at once."""
+        room frees up, and leaves the waiting list at once. `origin` is kept with a waiter,
+        only to be read back by `waiting_origins`."""
         queues = self._waiting.setdefault(pool, {})
         if not queues:
             placed = self.ledger.place(pool, request)
             if placed is not None:
                 return placed
         loop = asyncio.get_running_loop()
-        waiter = _Waiter((-priority, next(self._arrival)), request, loop.create_future(), tag)
+        waiter = _Waiter(
+            (-priority, next(self._arrival)), request, loop.create_future(), tag, origin
+        )
         queue = queues.get(request)
         if queue is None:
             queues[request] = [waiter]
