@@ -13,16 +13,20 @@ Plain Python; workers/autoscaling.py reads the node types and sends the requests
   must be in it too), and the request is withdrawn once nothing is pending.
 - A pending scale-up that has not added an actor within the timeout gives up: a pool that
   still has no actor answers its waiting tasks `unsatisfiable`.
+- Idle actors on nodes added since the daemon started retire first, so that those nodes go
+  idle and the autoscaler can remove them.
 """
 
 import math
 import time
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from workers.autoscaling import NodeType
-from workers.pool import PoolSpec
+from workers.cluster import NodeInfo
+from workers.pool import ActorInfo, PoolSpec
 from workers.resources import ResourceVector
 
 _EPSILON = 1e-9
@@ -157,3 +161,57 @@ class ScaleUps:
     @property
     def any(self) -> bool:
         return any(state.actors for state in self._pending.values())
+
+
+def memory_in_bundle(spec: PoolSpec, node_types: Sequence[NodeType]) -> bool:
+    """Whether the bundle of `spec`'s actor asks for its memory: only where a node type that
+    states its memory could hold the actor, so that the autoscaler picks one with enough. A
+    type that does not state it has none as far as a request is concerned, so where only such
+    types could hold the actor, a bundle asking for memory would fit no type at all. Decided
+    per pool: the memory pool's types may state memory where the GPU pool's do not."""
+    return spec.shape.memory_mb > 0 and any(
+        node_type.declares_memory and node_type.could_host(spec.shape, spec.custom_resources)
+        for node_type in node_types
+    )
+
+
+def _is_of_type(node: NodeInfo, node_type: NodeType) -> bool:
+    """Whether `node` has the CPUs, GPUs and custom resources `node_type` states (memory is
+    left out: a node's is measured when it starts, never exactly what a type states)."""
+    return (
+        node.total.cpus == node_type.total.cpus
+        and node.total.gpus == node_type.total.gpus
+        and all(node.custom.get(name) == amount for name, amount in node_type.custom.items())
+    )
+
+
+def unmanaged_nodes(nodes: Iterable[NodeInfo], node_types: Sequence[NodeType]) -> set[str]:
+    """Ids of the nodes that are of no node type the autoscaler knows (its head's included):
+    nodes it did not launch and does not count when it measures a request. Empty where some
+    type states no resources (the autoscaler then takes them from the node, so any node could
+    be of that type)."""
+    if any(not node_type.total.cpus and not node_type.custom for node_type in node_types):
+        return set()
+    return {
+        node.node_id
+        for node in nodes
+        if not any(_is_of_type(node, node_type) for node_type in node_types)
+    }
+
+
+def retirement_order(
+    idle: Sequence[ActorInfo], added_nodes: Set[str], actors_on: Mapping[str, int]
+) -> list[ActorInfo]:
+    """`idle` (oldest first) in the order to retire them: first the actors on nodes added since
+    the daemon started (the autoscaler removes a node only once nothing runs on it, and a CPU
+    actor may have landed on a GPU or memory node too), then the others; within each, those
+    on the nodes holding fewest actors first (emptied soonest), then the newest."""
+    ranked = sorted(
+        enumerate(idle),
+        key=lambda item: (
+            item[1].node_id not in added_nodes,
+            actors_on.get(item[1].node_id, 0),
+            -item[0],
+        ),
+    )
+    return [info for _, info in ranked]

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from broker.errors import ScaleUpTimedOut
-from broker.scheduling.elastic import ElasticCapacity, ScaleUps, actors_wanted, tasks_per_actor
+from broker.scheduling.elastic import (
+    ElasticCapacity,
+    ScaleUps,
+    actors_wanted,
+    memory_in_bundle,
+    retirement_order,
+    tasks_per_actor,
+    unmanaged_nodes,
+)
 from broker.scheduling.ledger import Ledger
 from broker.scheduling.scheduler import Scheduler
 from workers.autoscaling import (
@@ -20,7 +28,7 @@ from workers.autoscaling import (
     read_config_file,
 )
 from workers.cluster import NodeInfo
-from workers.pool import PoolSpec
+from workers.pool import ActorInfo, PoolSpec
 from workers.resources import ResourceVector
 
 GPU = PoolSpec("gpu", 0, 8, ResourceVector(cpus=1.0, gpus=1.0), max_concurrency=64)
@@ -164,3 +172,34 @@ async def test_the_scheduler_reports_waiting_requests_and_ends_waits_on_a_failed
     assert scheduler.waiting_requests("gpu") == Counter()
     assert scheduler.waiting_by_tag("swarm.tasks.training") == 0
     assert scheduler.reject_waiting("gpu", error) == 0
+
+
+def test_a_bundle_asks_for_memory_where_a_type_stating_it_could_hold_the_actor() -> None:
+    types = node_types_from_config(CONFIG)
+    assert memory_in_bundle(MEMORY, types)  # the memory type states 64 GiB
+    gpu_with_memory = PoolSpec("gpu", 0, 8, ResourceVector(cpus=1.0, gpus=1.0, memory_mb=2048))
+    assert not memory_in_bundle(gpu_with_memory, types)  # the GPU type states none
+    assert not memory_in_bundle(GPU, types)  # asks for no memory at all
+
+
+def test_nodes_of_no_known_type_are_unmanaged_where_every_type_states_its_resources() -> None:
+    types = node_types_from_config(CONFIG)
+    head = NodeInfo("h", True, "10.0.0.1", ResourceVector(cpus=2.0))
+    memory = NodeInfo(
+        "m", True, "10.0.0.2", ResourceVector(cpus=4.0, memory_mb=65000), {"swarm_memory_node": 1.0}
+    )
+    static = NodeInfo("s", True, "10.0.0.3", ResourceVector(cpus=32.0))
+    assert unmanaged_nodes([head, memory, static], types) == {"s"}
+    # A type with `resources: {}` takes them from its node: any node could be of it.
+    detected = [*types, NodeType("auto", ResourceVector())]
+    assert unmanaged_nodes([head, memory, static], detected) == set()
+
+
+def test_idle_actors_on_added_nodes_retire_first_emptying_the_emptiest_node_first() -> None:
+    def actor(key: str, node: str) -> ActorInfo:
+        return ActorInfo(key, "cpu", node, ResourceVector(cpus=1.0), 4)
+
+    idle = [actor("a", "head"), actor("b", "gpu-1"), actor("c", "head"), actor("d", "gpu-2")]
+    actors_on = {"head": 2, "gpu-1": 3, "gpu-2": 1}
+    order = retirement_order(idle, {"gpu-1", "gpu-2"}, actors_on)
+    assert [info.key for info in order] == ["d", "b", "c", "a"]

@@ -5,6 +5,8 @@
   Ingress (queues, confirms, returns, nacks, held publishes, dropped connections).
 - `amqp`: the client objects it hands out (connections, channels, deliveries).
 - `pools`: `FakePools`, PoolSet's surface on the real ledger, each run answered by the test.
+- `ray`: `FakeRay`, what PoolSet itself calls of Ray (nodes, actor pools, the autoscaler's
+  node types and requests), for testing PoolSet.
 - `swarm`: `RecordingSettlement` and `delivery()` (the Delivery/Settlement seam),
   `MemoryOutcomeStore`, and `MemorySwarm`, one daemon's ingress, processors, scheduler and
   ledger wired together on the two fakes above.
