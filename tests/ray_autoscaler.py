@@ -10,6 +10,7 @@ every Ray on the machine, this test session's included.
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -22,9 +23,10 @@ RAY = str(Path(sys.executable).with_name("ray"))
 MEMORY_MARK = "swarm_memory_node"
 # Token authentication, as Ray's default for a new local cluster is: stated, not left to
 # whether a token file happens to exist (with the mode unset, a `ray start` head turns it on
-# when ~/.ray/auth_token exists, and a driver joining by address does not). Whatever joins
-# the cluster needs the same setting.
-AUTH = {"RAY_AUTH_MODE": "token"}
+# when ~/.ray/auth_token exists, and a driver joining by address does not). The token is
+# given too, so that no file in the home directory is needed or written. Whatever joins the
+# cluster needs the same settings.
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 def free_port() -> int:

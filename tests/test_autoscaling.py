@@ -6,7 +6,7 @@ is idle again the node goes. The daemon joins the cluster with RAY_ADDRESS, as i
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +62,29 @@ def _alive(status: dict[str, Any], has: str) -> set[str]:
     return found
 
 
+def _sleep_tasks(
+    client: SwarmClient, task_type: str, resources: dict[str, float]
+) -> Callable[[int], Awaitable[Reply]]:
+    """Submits task `n` of a batch: a short sleep asking `resources`, its id from its pool."""
+
+    async def submit(n: int) -> Reply:
+        return await client.submit(
+            task_type,
+            "sleep",
+            {"seconds": 0.2},
+            task_id=f"{task_type}-{n}",
+            resources=resources,
+        )
+
+    return submit
+
+
 async def _scale_from_zero(
     client: SwarmClient,
     daemon: DaemonProcess,
     pool: str,
     marker: str,
-    submit: Any,
+    submit: Callable[[int], Awaitable[Reply]],
     tasks: int,
 ) -> dict[str, float]:
     """Send `tasks` tasks to a pool with no actor and no node; check each ran on a node the
@@ -119,17 +136,15 @@ async def test_gpu_tasks_bring_a_gpu_node_up_and_it_goes_when_idle(
                 "training", "echo", {}, task_id="gpu-too-big", resources={"gpus": 3}
             )
             assert too_big.error is not None and too_big.error.code == "unsatisfiable"
+            # It never waited, so the GPU pool has nothing pending for a sizing pass to ask
+            # for, and no request was sent.
+            gpu = (await client.status())["pools"]["gpu"]
+            assert (gpu["waiting"], gpu["scale_up_actors"]) == (0, 0)
+            requested = [e for e in daemon.log if e.get("event") == "scale_up_requested"]
+            assert not requested, "the autoscaler was asked for room for a task no node fits"
 
-            async def gpu_task(n: int) -> Reply:
-                return await client.submit(
-                    "training",
-                    "sleep",
-                    {"seconds": 0.2},
-                    task_id=f"gpu-{n}",
-                    resources={"gpus": 1},
-                )
-
-            figures = await _scale_from_zero(client, daemon, "gpu", "gpus", gpu_task, 20)
+            gpu_tasks = _sleep_tasks(client, "training", {"gpus": 1})
+            figures = await _scale_from_zero(client, daemon, "gpu", "gpus", gpu_tasks, 20)
     finally:
         daemon.terminate()
         assert await daemon.wait() == 0
@@ -142,17 +157,8 @@ async def test_memory_tasks_bring_a_memory_node_up_and_it_goes_when_idle(
     daemon = await _elastic_daemon(amqp_url, autoscaling_cluster).start()
     try:
         async with SwarmClient(amqp_url, reply_timeout_s=300) as client:
-
-            async def memory_task(n: int) -> Reply:
-                return await client.submit(
-                    "data_processing",
-                    "sleep",
-                    {"seconds": 0.2},
-                    task_id=f"memory-{n}",
-                    resources={"memory_mb": 3000},
-                )
-
-            figures = await _scale_from_zero(client, daemon, "memory", MEMORY_MARK, memory_task, 8)
+            memory_tasks = _sleep_tasks(client, "data_processing", {"memory_mb": 3000})
+            figures = await _scale_from_zero(client, daemon, "memory", MEMORY_MARK, memory_tasks, 8)
     finally:
         daemon.terminate()
         assert await daemon.wait() == 0
