@@ -11,7 +11,10 @@ import pytest
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from broker.amqp.pipelined import Acks, Deliveries, PipelinedChannel, TurnWriter
+from broker.amqp.acks import Acks
+from broker.amqp.deliveries import Deliveries
+from broker.amqp.pipelined import PipelinedChannel
+from broker.amqp.turn_writer import TurnWriter
 
 QUEUE = "pipelined.test"
 

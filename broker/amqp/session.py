@@ -7,11 +7,14 @@ import contextlib
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from broker.amqp.acks import Acks
 from broker.amqp.connection import connect
+from broker.amqp.deliveries import Deliveries
 from broker.amqp.frames import tolerant_frames
-from broker.amqp.pipelined import Acks, Deliveries, PipelinedChannel, TurnWriter
+from broker.amqp.pipelined import PipelinedChannel
 from broker.amqp.publisher import Publisher
 from broker.amqp.topology import Topology, declare
+from broker.amqp.turn_writer import TurnWriter
 
 # How long a clean close waits for the frames already handed to the writer.
 DRAIN_AT_CLOSE_S = 2.0

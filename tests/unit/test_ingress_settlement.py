@@ -10,7 +10,7 @@ import pytest
 from fakes.server import MemoryBroker, Message, nack
 from fakes.swarm import MemorySwarm, quick_settings, task_body
 
-from broker.amqp.ingress import AmqpSettlement
+from broker.amqp.incoming import AmqpSettlement
 from broker.amqp.outcomes import OUTCOMES_QUEUE
 from broker.tasks.delivery import Delivery
 from broker.tasks.outcome import Outcome

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pamqp import commands as spec
 
-from broker.amqp.pipelined import Acks, TurnWriter
+from broker.amqp.acks import Acks
+from broker.amqp.turn_writer import TurnWriter
 
 
 @dataclass

@@ -14,8 +14,9 @@ import pytest
 from processor_harness import delivery as make_delivery
 from processor_harness import make_harness
 
-from broker.amqp.ingress import PROGRESS_WAITING, Ingress
+from broker.amqp.ingress import Ingress
 from broker.amqp.outcomes import OutcomeStore
+from broker.amqp.progress import PROGRESS_WAITING
 from broker.tasks.outcome import Outcome, succeeded
 from schemas.codec import decode, encode
 from workers.outcome import RunOutcome

@@ -10,7 +10,7 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from broker.amqp.pipelined import publish_frames
+from broker.amqp.publish_framing import publish_frames
 
 MAX_BODY = 64
 

@@ -9,7 +9,8 @@ import pytest
 from processor_harness import RecordingSettlement, make_harness, until
 from processor_harness import delivery as make_delivery
 
-from broker.amqp.ingress import AmqpSettlement, Ingress
+from broker.amqp.incoming import AmqpSettlement
+from broker.amqp.ingress import Ingress
 from broker.amqp.outcomes import OutcomeStore
 from broker.errors import BrokerError, SettlementError
 from broker.tasks.settlement import SettleState

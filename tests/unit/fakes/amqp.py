@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import aio_pika
 
-from broker.amqp.ingress import PROPERTY_NAMES
+from broker.amqp.incoming import PROPERTY_NAMES
 
 if TYPE_CHECKING:
     from .server import MemoryBroker, MemoryQueue, Message
