@@ -1,5 +1,5 @@
 """The `swarm` command: run the daemon, submit a task, backfill a file of tasks, show status,
-print the wire schema."""
+look at and replay dead letters (broker/dead_cli.py), print the wire schema."""
 
 import asyncio
 import json
@@ -348,6 +348,16 @@ def asyncapi() -> None:
     from schemas.asyncapi import render
 
     sys.stdout.write(render())
+
+
+def _add_subcommands() -> None:
+    # Registered last: broker.dead_cli reuses this module's helpers when its commands run.
+    from broker.dead_cli import dead_app
+
+    app.add_typer(dead_app, name="dead")
+
+
+_add_subcommands()
 
 
 def main() -> None:  # pragma: no cover

@@ -13,11 +13,13 @@ from schemas.task import TaskMessage
 from schemas.topology import (
     ATTEMPTS_HEADER,
     CONTENT_TYPE,
+    DEAD_LETTERED_AT_HEADER,
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
     ORIGINAL_USER_HEADER,
     PROGRESS_HEADER,
     PROTOCOL_VERSION,
+    REPLAY_HEADER,
     REPLY_UNDELIVERABLE,
     SOURCE_QUEUE_HEADER,
     STATUS_HEADER,
@@ -83,7 +85,14 @@ def message_components(
                         "description": 'Swarm\'s addition: true, 1, "1" or "true" asks for '
                         "progress messages on `reply_to` before the reply. Absent: none.",
                         "examples": [True],
-                    }
+                    },
+                    REPLAY_HEADER: {
+                        "type": "string",
+                        "description": "Swarm's addition, set by `swarm dead replay` (a replay "
+                        "id): a task whose stored outcome is `error` runs again when it carries "
+                        "one, and its new outcome replaces the stored one; a stored `ok` answers "
+                        "it as a duplicate, never run again.",
+                    },
                 }
             ),
             "payload": task,
@@ -175,6 +184,11 @@ def message_components(
                     ATTEMPTS_HEADER: {
                         "type": "integer",
                         "description": "Runs started; 0 for a task rejected on arrival.",
+                    },
+                    DEAD_LETTERED_AT_HEADER: {
+                        "type": "integer",
+                        "description": "Swarm's addition: when it was dead-lettered, in Unix "
+                        "seconds (`swarm dead` filters on its age).",
                     },
                     TRACEBACK_HEADER: {
                         "type": "string",

@@ -20,6 +20,11 @@ SOURCE_QUEUE_HEADER: Final = "x-swarm-source-queue"
 ATTEMPTS_HEADER: Final = "x-swarm-attempts"
 # Swarm's addition to the dead-letter headers: set when the reply could not reach `reply_to`.
 UNDELIVERED_REPLY_HEADER: Final = "x-swarm-reply-undeliverable"
+# Swarm's addition to the dead-letter headers: when it was dead-lettered (Unix seconds).
+DEAD_LETTERED_AT_HEADER: Final = "x-swarm-dead-lettered-at"
+# On a task message: set by `swarm dead replay` (a replay's id). A task whose stored outcome
+# is `error` runs again when it carries one; a stored `ok` still answers it as a duplicate.
+REPLAY_HEADER: Final = "x-swarm-replay"
 # Swarm's addition to the dead-letter headers: the traceback of the exception the handler
 # raised (at most 8,192 characters, its end kept; cut first when the frame is short).
 TRACEBACK_HEADER: Final = "x-swarm-traceback"

@@ -207,7 +207,11 @@ class OutcomeStore:
         if self._expired(at):
             return
         if kind == "outcome":
-            if task_id not in self._outcomes:
+            earlier = self._outcomes.get(task_id)
+            # The first outcome of an id stands, but an error gives way to a later outcome:
+            # the task was replayed from swarm.dead and ran again (broker/tasks/processor.py).
+            if earlier is None or (earlier.status == "error" and earlier.recorded_at_s <= at):
+                self._forget(task_id)
                 self._remember(task_id, StoredOutcome(entry["s"], entry["r"], at))
             self._cancels.pop(task_id, None)
         elif kind == "cancel" and task_id not in self._outcomes:

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import aiormq
@@ -35,6 +36,7 @@ from schemas.progress import PROGRESS_STATUS
 from schemas.topology import (
     ATTEMPTS_HEADER,
     CONTENT_TYPE,
+    DEAD_LETTERED_AT_HEADER,
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
     SOURCE_QUEUE_HEADER,
@@ -234,6 +236,7 @@ class Publisher:
             ERROR_MESSAGE_HEADER: reason.message,
             SOURCE_QUEUE_HEADER: delivery.queue,
             ATTEMPTS_HEADER: outcome.attempts,
+            DEAD_LETTERED_AT_HEADER: int(time.time()),
             **reason.extra,
         }
         if outcome.traceback:

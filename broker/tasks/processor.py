@@ -29,6 +29,7 @@ from broker.tasks.outcome import Outcome, duplicate, held_copy, refused, rejecte
 from schemas.codec import decode, encode
 from schemas.progress import ProgressMessage
 from schemas.task import TaskMessage
+from schemas.topology import REPLAY_HEADER
 from workers.errors import WorkerLost
 from workers.pool import ActorInfo
 from workers.registry import HandlerRegistry, HandlerSpec
@@ -172,6 +173,11 @@ class TaskProcessor:
             await asyncio.shield(active.settled)
         stored = self._store.get(task_id)
         if stored is None:
+            return None
+        if stored.status == "error" and _replayed(delivery):
+            # `swarm dead replay` sent it again, after its handler was fixed: it runs, and
+            # its new outcome replaces the stored error. A stored `ok` is never run again.
+            log.info("replay_runs_again", task_id=task_id)
             return None
         log.info(
             "duplicate_answered_from_store",
@@ -457,6 +463,11 @@ class TaskProcessor:
             attempts=attempts,
             queued_ms=queued_ms,
         )
+
+
+def _replayed(delivery: Delivery) -> bool:
+    headers = delivery.properties.get("headers")
+    return isinstance(headers, dict) and REPLAY_HEADER in headers
 
 
 async def _cannot_renew(delivery: Delivery, lease: str) -> None:

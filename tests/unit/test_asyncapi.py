@@ -27,13 +27,16 @@ from schemas.task import TaskMessage
 from schemas.topology import (
     ATTEMPTS_HEADER,
     CONTENT_TYPE,
+    DEAD_LETTERED_AT_HEADER,
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
     ORIGINAL_USER_HEADER,
     PROGRESS_HEADER,
+    REPLAY_HEADER,
     SOURCE_QUEUE_HEADER,
     STATUS_HEADER,
     TASK_TYPES,
+    TRACEBACK_HEADER,
     TRUNCATED_HEADER,
     UNDELIVERED_REPLY_HEADER,
 )
@@ -274,7 +277,7 @@ def test_headers_come_from_the_topology_constants(document: dict[str, Any]) -> N
     def header_names(message: str) -> set[str]:
         return set(messages[message]["headers"]["properties"])
 
-    assert header_names("Task") == {PROGRESS_HEADER}
+    assert header_names("Task") == {PROGRESS_HEADER, REPLAY_HEADER}
     assert header_names("Reply") == {STATUS_HEADER, TRUNCATED_HEADER}
     assert header_names("Progress") == {STATUS_HEADER}
     assert header_names("DeadLetter") == {
@@ -282,6 +285,8 @@ def test_headers_come_from_the_topology_constants(document: dict[str, Any]) -> N
         ERROR_MESSAGE_HEADER,
         SOURCE_QUEUE_HEADER,
         ATTEMPTS_HEADER,
+        DEAD_LETTERED_AT_HEADER,
+        TRACEBACK_HEADER,
         UNDELIVERED_REPLY_HEADER,
         ORIGINAL_USER_HEADER,
         TRUNCATED_HEADER,

@@ -29,6 +29,19 @@ def test_duplicates_and_cancels_follow_the_records() -> None:
     assert not store.cancel_pending("b")
 
 
+def test_a_later_outcome_replaces_an_error_the_replay_rule() -> None:
+    store = OutcomeStore(retention_s=3600)
+    first_error = store.outcome_record("r", "error", b"failed")
+    store.apply(first_error)
+    store.apply(store.outcome_record("r", "ok", b"fixed"))  # replayed and run again
+    stored = store.get("r")
+    assert stored is not None and (stored.status, stored.reply_body) == ("ok", b"fixed")
+    store.apply(first_error)  # an older record read again (a stream replay) changes nothing
+    store.apply(store.outcome_record("r", "error", b"again"))  # an ok is never replaced
+    assert store.get("r").reply_body == b"fixed"  # type: ignore[union-attr]
+    assert store.memory_bytes == len(b"fixed")
+
+
 def test_expired_records_are_ignored() -> None:
     store = OutcomeStore(retention_s=0.000001)
     store.apply(store.outcome_record("old", "ok", b"r"))
