@@ -27,6 +27,7 @@ from schemas.topology import (
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
     REPLY_UNDELIVERABLE,
+    TRACEBACK_HEADER,
     UNDELIVERED_REPLY_HEADER,
 )
 
@@ -244,8 +245,9 @@ async def test_a_task_id_over_255_bytes_is_answered_and_dead_lettered(
 async def test_a_dead_letter_too_large_for_a_frame_is_cut_by_the_rule(
     start_daemon: DaemonFactory, producer: RawProducer
 ) -> None:
-    """127 KB of headers and a long error message: the message is shortened first, then the
-    largest original headers dropped, each named in x-swarm-headers-truncated."""
+    """127 KB of headers and a long error message: the handler's traceback goes first (no
+    room for its last 256 bytes), then the message is shortened, then the largest original
+    headers dropped, each named in x-swarm-headers-truncated."""
     daemon = await start_daemon()
     dead = await producer.watch_dead()
     replies = await producer.inbox()
@@ -258,7 +260,9 @@ async def test_a_dead_letter_too_large_for_a_frame_is_cut_by_the_rule(
     letter = await dead.one()
     assert reply.payload["error"]["code"] == "handler_error"
     truncated = letter.headers[TRUNCATED].split(",")
-    assert truncated[0] == ERROR_MESSAGE_HEADER
+    assert truncated[:2] == [TRACEBACK_HEADER, ERROR_MESSAGE_HEADER]
+    assert TRACEBACK_HEADER not in letter.headers
+    truncated = truncated[1:]
     shortened = letter.headers[ERROR_MESSAGE_HEADER]
     assert 256 <= len(shortened.encode()) < 4096
     assert reply.payload["error"]["message"].startswith(shortened)
