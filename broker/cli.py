@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import SecretStr
 
-from broker.settings import CONFIG_ENV, Settings
+from broker.settings import CONFIG_ENV, Settings, load_settings
 from schemas.errors import SwarmError
 
 if TYPE_CHECKING:
@@ -48,8 +48,8 @@ def _options(
 def _settings() -> Settings:
     """The settings, or one clear line and exit 2 when they are not valid."""
     try:
-        return Settings()
-    except (ValueError, OSError) as exc:  # pydantic's ValidationError is a ValueError
+        return load_settings()
+    except (ValueError, OSError) as exc:  # SettingsInvalid is a ValueError
         typer.echo(f"swarm: invalid configuration: {exc}", err=True)
         raise typer.Exit(code=2) from None
 

@@ -1,6 +1,7 @@
 """The daemon: wires Ray pools, the ledger, the scheduler and AMQP, and runs until stopped."""
 
 import asyncio
+import contextlib
 import functools
 import signal
 import time
@@ -78,9 +79,19 @@ class Daemon:
         # and the pools come up, which can take a while on a cluster.
         self._start_metrics_server()
         self._metrics_ticker = asyncio.create_task(self._tick_liveness())
-        await asyncio.to_thread(
-            cluster.connect, self.settings.ray_address, num_cpus=self.settings.ray_num_cpus
+        joining = asyncio.ensure_future(
+            asyncio.to_thread(
+                cluster.connect, self.settings.ray_address, num_cpus=self.settings.ray_num_cpus
+            )
         )
+        try:
+            await asyncio.shield(joining)
+        except asyncio.CancelledError:
+            # ray.init cannot be interrupted: let it finish (seconds) so that the stop that
+            # follows leaves Ray with nothing half started.
+            with contextlib.suppress(Exception):
+                await joining
+            raise
         self._handle_stop_signals()
         await self.pools.start()
         tasks = TaskProcessor(self.settings, self.registry, self.scheduler, self.pools, self.store)
@@ -242,9 +253,23 @@ class Daemon:
         stop_requested = asyncio.Event()
         self._on_stop_signal = stop_requested.set
         self._handle_stop_signals()  # a SIGTERM while Ray starts (seconds) stops us too
-        await self.start()
-        await stop_requested.wait()
-        log.info("stopping")
+        log.info("daemon_starting", amqp_nodes=self.settings.amqp_nodes().describe()["nodes"])
+        starting = asyncio.ensure_future(self.start())
+        stopping = asyncio.ensure_future(stop_requested.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            stopping.cancel()
+            starting.result()  # a start that failed raises its one-line error here
+            await stop_requested.wait()
+            log.info("stopping")
+        else:
+            # SIGTERM or Ctrl-C during start-up (Ray joining, actors starting, a RabbitMQ
+            # node not answering): stop there rather than after a start that can take a
+            # minute. Nothing was consumed yet.
+            log.info("stopping_during_start")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
         await self.stop()
         # Leave Ray cleanly (an embedded Ray is shut down): exiting with the core worker still
         # up ends the process with SIGABRT instead of status 0.

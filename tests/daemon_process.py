@@ -39,6 +39,19 @@ class DaemonProcess:
         self._reader = asyncio.create_task(self._until(None))
         return self
 
+    async def launch(self) -> "DaemonProcess":
+        """Start it and read its lines, without waiting until it is ready (for tests of the
+        start-up itself: `logged` waits for what they need)."""
+        self.process = await asyncio.create_subprocess_exec(
+            SWARM,
+            "run",
+            env=self.env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.create_task(self._until(None))
+        return self
+
     async def _until(self, event: str | None) -> None:
         assert self.process is not None and self.process.stderr is not None
         while line := await self.process.stderr.readline():

@@ -1,5 +1,6 @@
 """The Ray adapter for the resource ledger: connects to Ray and reports nodes as plain data."""
 
+import logging
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,12 +26,21 @@ class NodeInfo:
     custom: dict[str, float] = field(default_factory=dict)
 
 
+class _NoSigtermWarning(logging.Filter):
+    """Ray warns that it set no SIGTERM handler when joined off the main thread: the daemon
+    joins from a thread on purpose, to keep its own handler (broker/daemon.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("SIGTERM handler is not set")
+
+
 def connect(address: str | None, *, num_cpus: int | None = None) -> None:
     """Join the cluster at `address`, or start a local Ray without the dashboard."""
     import ray
 
     if ray.is_initialized():
         return
+    logging.getLogger("ray._private.worker").addFilter(_NoSigtermWarning())
     options: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": True,

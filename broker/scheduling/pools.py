@@ -124,7 +124,9 @@ class PoolSet:
         for spec in self._specs.values():
             now = self._ledger.could_host(spec.shape, spec.custom_resources)
             if not now and not (self.elastic and self.capacity.could_host(spec)):
-                log.info(
+                # At debug: a machine without GPUs or memory nodes says so at every start,
+                # and daemon_ready names the pools that did start.
+                log.debug(
                     "pool_not_started",
                     reason="no_node_can_hold_actor",
                     pool=spec.name,
