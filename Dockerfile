@@ -10,7 +10,7 @@
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
-# Comma-separated extras installed besides `fast` (uvloop), e.g. `torch`.
+# Comma-separated extras installed besides `daemon` and `fast` (uvloop), e.g. `torch`.
 ARG EXTRAS=""
 
 ENV PYTHONUNBUFFERED=1 \
@@ -33,7 +33,7 @@ WORKDIR /opt/swarm
 COPY pyproject.toml ./
 RUN python -c 'import sys, tomllib; \
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-extras = [e.strip() for e in ("fast," + sys.argv[1]).split(",") if e.strip()]; \
+extras = [e.strip() for e in ("daemon,fast," + sys.argv[1]).split(",") if e.strip()]; \
 print("\n".join(project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]))' \
     "$EXTRAS" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
@@ -45,7 +45,7 @@ COPY README.md ./
 COPY schemas ./schemas
 COPY workers ./workers
 COPY broker ./broker
-RUN pip install ".[fast${EXTRAS:+,$EXTRAS}]" \
+RUN pip install ".[daemon,fast${EXTRAS:+,$EXTRAS}]" \
     && rm -rf build ./*.egg-info
 
 USER swarm

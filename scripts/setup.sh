@@ -11,7 +11,7 @@ fi
 stamp=.venv/.swarm-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[test,fast]'
+  .venv/bin/python -m pip install --quiet -e '.[daemon,test,fast]'
   touch "$stamp"
 fi
 

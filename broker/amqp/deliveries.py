@@ -11,15 +11,15 @@ from collections.abc import Callable
 from random import getrandbits
 
 import aiormq
-import structlog
 from aio_pika.message import IncomingMessage
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from broker.amqp.acks import Acks
+from broker.lazy_logging import LazyLogger
 
 # The hot path's logger, as before these modules were split.
-log = structlog.get_logger("swarm.pipelined")
+log = LazyLogger("swarm.pipelined")
 
 Consumer = Callable[[IncomingMessage], None]
 

@@ -24,15 +24,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
-import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from broker.amqp.outcome_replay import OUTCOMES_QUEUE, REPLAY_STALL_S, StreamReader
+from broker.lazy_logging import LazyLogger
 from schemas.codec import CodecLimits, decode, encode
 
 __all__ = ["OUTCOMES_QUEUE", "OutcomeStore", "StoredOutcome", "stream_arguments"]
 
-log = structlog.get_logger("swarm.outcomes")
+log = LazyLogger("swarm.outcomes")
 
 MIB = 1024 * 1024
 # Small segments so that age-based trimming follows the retention window closely.

@@ -15,7 +15,6 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aio_pika
 import aiormq
-import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
@@ -33,6 +32,7 @@ from broker.amqp.session import CONNECTION_ERRORS
 from broker.amqp.topology import declare
 from broker.amqp.urls import redact
 from broker.errors import BrokerError
+from broker.lazy_logging import LazyLogger
 from schemas.codec import decode, encode
 from schemas.progress import PROGRESS_STATUS, ProgressMessage
 from schemas.reply import Reply
@@ -44,7 +44,7 @@ from schemas.topology import (
     STATUS_HEADER,
 )
 
-log = structlog.get_logger("swarm.client")
+log = LazyLogger("swarm.client")
 
 P = ParamSpec("P")
 S = TypeVar("S")
