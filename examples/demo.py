@@ -28,7 +28,7 @@ async def wait_for_daemon(client: SwarmClient, timeout_s: float = 180.0) -> None
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            await client.status(timeout_s=5.0)
+            await client.status(wait_s=5.0)
             return
         except SwarmError:
             if time.monotonic() > deadline:

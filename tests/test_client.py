@@ -2,18 +2,23 @@
 
 import asyncio
 import time
+from pathlib import Path
 
+import aio_pika
+import aiormq
 import pytest
-from conftest import DaemonFactory
+from conftest import DaemonFactory, until_journaled
 
 from broker.amqp.urls import redact
 from broker.daemon import Daemon
-from broker.producer.client import SubmitError, SwarmClient, SyncSwarmClient
+from broker.producer.client import ReplyTimeout, SubmitError, SwarmClient, SyncSwarmClient
+
+DIAGNOSTICS = ["workers.diagnostics"]
 
 
 async def test_submit_returns_the_reply(daemon: Daemon, amqp_url: str) -> None:
     async with SwarmClient(amqp_url) as client:
-        reply = await client.submit("inference", "echo", {"x": 1}, timeout_s=60)
+        reply = await client.submit("inference", "echo", {"x": 1}, wait_s=60)
     assert reply.status == "ok"
     assert reply.result == {"x": 1}
     assert reply.pool == "cpu"
@@ -21,9 +26,9 @@ async def test_submit_returns_the_reply(daemon: Daemon, amqp_url: str) -> None:
 
 async def test_submit_passes_optional_fields(daemon: Daemon, amqp_url: str) -> None:
     async with SwarmClient(amqp_url) as client:
-        expired = await client.submit("training", "echo", 1, deadline=time.time() - 5, timeout_s=60)
+        expired = await client.submit("training", "echo", 1, deadline=time.time() - 5, wait_s=60)
         pinned = await client.submit(
-            "training", "echo", 2, pool="cpu", priority=9, task_id="client-fixed-id", timeout_s=60
+            "training", "echo", 2, pool="cpu", priority=9, task_id="client-fixed-id", wait_s=60
         )
     assert expired.status == "expired"
     assert pinned.id == "client-fixed-id"
@@ -35,7 +40,7 @@ async def test_map_keeps_input_order_and_bounds_in_flight(daemon: Daemon, amqp_u
         replies = [
             r
             async for r in client.map(
-                "data_processing", "echo", range(300), max_in_flight=16, timeout_s=60
+                "data_processing", "echo", range(300), max_in_flight=16, wait_s=60
             )
         ]
     assert [r.result for r in replies] == list(range(300))
@@ -97,3 +102,97 @@ async def test_sync_client(daemon: Daemon, amqp_url: str) -> None:
             return single, many
 
     assert await asyncio.to_thread(script) == ("sync", [1, 2, 3])
+
+
+async def test_the_wait_and_the_run_limit_are_two_names(daemon: Daemon, amqp_url: str) -> None:
+    """`wait_s` is the client's wait, `run_timeout_s` the task's run limit (wire `timeout_s`)."""
+    async with SwarmClient(amqp_url) as client:
+        limited = await client.submit(
+            "training", "sleep", {"seconds": 60}, wait_s=60, run_timeout_s=0.5
+        )
+        assert limited.status == "error"
+        assert limited.error is not None and limited.error.code == "timeout"
+        with pytest.raises(ReplyTimeout) as waited:
+            await client.submit(
+                "training", "sleep", {"seconds": 3}, task_id="short-wait", wait_s=0.2
+            )
+        assert waited.value.task_id == "short-wait"
+        assert waited.value.queue == "swarm.tasks.training"
+        assert waited.value.consumers == 1  # the daemon reads it: just not in time
+        assert str(waited.value) == (
+            "no reply for task short-wait within 0.2 s (swarm.tasks.training has 1 consumer)"
+        )
+
+
+async def test_timeout_s_still_means_the_wait_with_a_deprecation_warning(
+    daemon: Daemon, amqp_url: str
+) -> None:
+    async with SwarmClient(amqp_url) as client:
+        deprecated = pytest.warns(DeprecationWarning, match=r"submit\(timeout_s=...\) is deprec")
+        with deprecated, pytest.raises(ReplyTimeout):
+            await client.submit("training", "sleep", {"seconds": 3}, timeout_s=0.2)
+        with pytest.warns(DeprecationWarning, match=r"map\(timeout_s=...\)"):
+            replies = [r async for r in client.map("inference", "echo", [1, 2], timeout_s=60)]
+        assert [r.result for r in replies] == [1, 2]
+        with pytest.warns(DeprecationWarning, match=r"status\(timeout_s=...\)"):
+            assert "pools" in await client.status(timeout_s=30)
+
+
+async def _queue_exists(amqp_url: str, name: str) -> bool:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+
+
+async def test_close_deletes_the_reply_queue_unless_replies_are_owed(
+    start_daemon: DaemonFactory, amqp_url: str, tmp_path: Path
+) -> None:
+    await start_daemon(handler_modules=DIAGNOSTICS)
+    async with SwarmClient(amqp_url) as answered:
+        assert (await answered.submit("inference", "echo", 1, wait_s=60)).result == 1
+        assert await answered.status(wait_s=30)
+        assert answered.replies_owed == 0
+    assert not await _queue_exists(amqp_url, answered.reply_queue)
+
+    # A reply still owed: the queue stays for it (RabbitMQ expires it once unused).
+    gate, journal = tmp_path / "gate", tmp_path / "runs"
+    async with SwarmClient(amqp_url) as owed:
+        await owed.send(
+            "training", "wait_file", {"path": str(gate), "journal": str(journal)}, task_id="owed"
+        )
+        await until_journaled(journal, 1)
+        assert owed.replies_owed == 1
+    assert await _queue_exists(amqp_url, owed.reply_queue)
+
+    # Unless the client is told to delete it whatever is owed.
+    async with SwarmClient(amqp_url, delete_reply_queue=True) as one_shot:
+        with pytest.raises(ReplyTimeout):
+            await one_shot.submit("training", "wait_file", {"path": str(gate)}, wait_s=0.1)
+        assert one_shot.replies_owed == 1
+    assert not await _queue_exists(amqp_url, one_shot.reply_queue)
+    gate.touch()
+
+
+async def test_client_cancel(start_daemon: DaemonFactory, amqp_url: str, tmp_path: Path) -> None:
+    await start_daemon(handler_modules=DIAGNOSTICS)
+    journal = tmp_path / "runs"
+    async with SwarmClient(amqp_url) as client:
+        future = await client.send(
+            "training",
+            "wait_file",
+            {"path": str(tmp_path / "never"), "journal": str(journal)},
+            task_id="to-cancel",
+        )
+        await until_journaled(journal, 1)
+        assert await client.cancel("to-cancel") == {"id": "to-cancel", "state": "running"}
+        assert (await asyncio.wait_for(future, 60)).status == "cancelled"
+        assert await client.cancel("to-cancel") == {
+            "id": "to-cancel",
+            "state": "finished",
+            "status": "cancelled",
+        }

@@ -2,13 +2,19 @@
 so a producer never pays Ray's import.
 
     async with SwarmClient(url) as swarm:
-        reply = await swarm.submit("inference", "echo", {"x": 1})
+        reply = await swarm.submit("inference", "echo", {"x": 1}, wait_s=60, run_timeout_s=30)
+
+Two time limits, never to be confused: `wait_s` is how long this client waits for a reply
+(nothing is sent to the daemon about it), `run_timeout_s` is the task's own run limit, the
+wire field `timeout_s` (the daemon stops the run past it and answers `timeout`).
 """
 
 import asyncio
 import contextlib
 import functools
 import uuid
+import warnings
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -42,6 +48,7 @@ from schemas.topology import (
     PROGRESS_HEADER,
     PROTOCOL_VERSION,
     STATUS_HEADER,
+    task_queue,
 )
 
 log = LazyLogger("swarm.client")
@@ -56,6 +63,8 @@ RECONNECT_MAX_S = 5.0
 CLOSE_S = 5.0
 PUBLISH_ATTEMPTS = 8
 PUBLISH_WAIT_S = 60.0
+# How long status and cancel wait for the daemon's answer unless told.
+CONTROL_WAIT_S = 30.0
 PUBLISH_RETRY_ON: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncio.TimeoutError)
 PUBLISH_RETRY_OR_NACK: tuple[type[BaseException], ...] = (
     *PUBLISH_RETRY_ON,
@@ -80,12 +89,50 @@ class SubmitError(BrokerError):
 
 
 class ReplyTimeout(BrokerError):
-    """No reply arrived within the client's wait."""
+    """No reply arrived within the client's wait (`wait_s`). `task_id` names the task (None
+    for a control request), `queue` the queue it was sent to, and `consumers` how many
+    consumers that queue had when the wait ended (0: no daemon reads it; None: unknown)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        task_id: str | None = None,
+        queue: str | None = None,
+        consumers: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.queue = queue
+        self.consumers = consumers
+
+
+def _deprecated_timeout(fields: dict[str, Any], wait_s: float | None, method: str) -> float | None:
+    """`timeout_s=` on submit, map and status was the client's wait: still read as `wait_s`
+    for one release, with a DeprecationWarning (the task's run limit is `run_timeout_s`)."""
+    if "timeout_s" not in fields:
+        return wait_s
+    old = fields.pop("timeout_s")
+    warnings.warn(
+        f"{method}(timeout_s=...) is deprecated: it is the client's wait, now `wait_s`; "
+        "the task's run limit is `run_timeout_s`",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return wait_s if wait_s is not None else old
 
 
 class SwarmClient:
     """A producer's connection to Swarm. `amqp_url` is one URL, or the URLs of a cluster's
-    nodes (comma-separated or a list), tried in turn (`shuffle`: in an order shuffled once)."""
+    nodes (comma-separated or a list), tried in turn (`shuffle`: in an order shuffled once).
+
+    `reply_timeout_s` is the default client-side wait for a reply (None: no limit), used where
+    a call gives no `wait_s`. On `close()` the client deletes its reply queue
+    (`swarm.reply.<uuid>`) unless replies are still owed to it: tasks it sent whose reply has
+    not come (their wait ended first); that queue is kept so that the daemon can deliver
+    them, and RabbitMQ deletes it once unused for 30 minutes. `delete_reply_queue=True`
+    deletes it even then (a reply that comes later is dead-lettered `reply_undeliverable`,
+    as `swarm dead ls` shows), `False` never deletes it."""
 
     def __init__(
         self,
@@ -93,6 +140,7 @@ class SwarmClient:
         *,
         reply_timeout_s: float | None = None,
         shuffle: bool = False,
+        delete_reply_queue: bool | None = None,
     ) -> None:
         self._nodes = AmqpNodes(amqp_url, shuffle=shuffle)
         # On a cluster the reply queue must outlive the node it was declared on: a quorum
@@ -104,10 +152,19 @@ class SwarmClient:
         self._channel: AbstractChannel | None = None
         self._tasks: AbstractExchange | None = None
         self._replies: AbstractQueue | None = None
+        self._reply_tag: str | None = None
         # Tasks go out on a confirm channel of their own, replaced after a nack: a quorum
         # queue that refused on a channel may keep refusing on it (renewable_channel.py).
         self._publishing = RenewableChannel(self._open_publish_channel)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        # Correlation ids of requests published and not yet answered, whether or not anyone
+        # still waits: while any is owed, close() keeps the reply queue (delete_reply_queue).
+        self._owed: set[str] = set()
+        # What each reply future is for, (task id, queue), named when a wait for it ends.
+        self._sent: weakref.WeakKeyDictionary[asyncio.Future[Reply], tuple[str | None, str]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._delete_reply_queue = delete_reply_queue
         self._progress_listeners: dict[str, Callable[[ProgressMessage], None]] = {}
         # Named once: the same queue is consumed again after a reconnect.
         self._reply_queue = f"swarm.reply.{uuid.uuid4().hex}"
@@ -203,14 +260,14 @@ class SwarmClient:
                     durable=True,  # RabbitMQ's rule for quorum queues
                     arguments={"x-queue-type": "quorum", "x-expires": REPLY_QUEUE_EXPIRES_MS},
                 )
-                await self._replies.consume(self._on_reply_acked)
+                self._reply_tag = await self._replies.consume(self._on_reply_acked)
             else:
                 self._replies = await self._channel.declare_queue(
                     self._reply_queue,
                     durable=False,
                     arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
                 )
-                await self._replies.consume(self._on_reply, no_ack=True)
+                self._reply_tag = await self._replies.consume(self._on_reply, no_ack=True)
         except BaseException:
             await self._close_connection()
             raise
@@ -228,15 +285,59 @@ class SwarmClient:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), CLOSE_S)
 
+    @property
+    def reply_queue(self) -> str:
+        """The name of this client's reply queue."""
+        return self._reply_queue
+
+    @property
+    def replies_owed(self) -> int:
+        """Requests published whose reply has not come (whether or not anyone waits)."""
+        return len(self._owed)
+
     async def close(self) -> None:
+        """Stop waiting, delete the reply queue (see the class: `delete_reply_queue`) and
+        close the connection."""
         self._closing = True
         if self._supervisor is not None:
             self._supervisor.cancel()
         for future in self._waiting.values():
             future.cancel()
+        delete = self._delete_reply_queue
+        if delete is None:
+            delete = not self._owed
+        if delete and self._ready.is_set():
+            await self._delete_replies()
         if self._connection is not None:
             connection, self._connection = self._connection, None
             await connection.close()
+
+    async def _delete_replies(self) -> None:
+        """Stop consuming the reply queue, then delete it on a channel of its own (bounded:
+        never holds up close). One that cannot be deleted now expires as before (x-expires)."""
+        connection, replies, tag = self._connection, self._replies, self._reply_tag
+        if connection is None or connection.is_closed:
+            return
+
+        async def delete() -> None:
+            if replies is not None and tag is not None:
+                # Cancelled by us first: RabbitMQ cancelling it for the deleted queue would be
+                # logged as a warning.
+                await replies.cancel(tag)
+            channel = await connection.channel()
+            try:
+                await channel.queue_delete(self._reply_queue)
+            finally:
+                await channel.close()
+
+        try:
+            await asyncio.wait_for(delete(), CLOSE_S)
+        except Exception as exc:  # best effort: the queue expires anyway
+            log.warning(
+                "client_reply_queue_not_deleted",
+                queue=self._reply_queue,
+                error=f"{type(exc).__name__}: {exc}",
+            )
 
     async def _on_reply_acked(self, message: AbstractIncomingMessage) -> None:
         """A reply from the replicated queue, acknowledged once handled: one whose ack was
@@ -256,6 +357,7 @@ class SwarmClient:
                     listener(ProgressMessage.model_validate(decode(message.body)))
             return
         self._progress_listeners.pop(correlation_id, None)
+        self._owed.discard(correlation_id)
         future = self._waiting.pop(correlation_id, None)
         if future is None or future.done():
             return  # a duplicate reply, or one for a task we stopped waiting for
@@ -277,14 +379,22 @@ class SwarmClient:
         *,
         task_id: str | None = None,
         on_progress: Callable[[ProgressMessage], None] | None = None,
+        run_timeout_s: float | None = None,
         **fields: Any,
     ) -> "asyncio.Future[Reply]":
         """Publish one task (confirmed by RabbitMQ) and return a future of its reply.
+
+        `fields` are the task's optional wire keys (resources, pool, priority, deadline,
+        max_retries); `run_timeout_s` is the task's run limit, the wire key `timeout_s` (which
+        `fields` may also name, as a backfill line does). Wait for the future with
+        `asyncio.wait_for`, or use `submit` with `wait_s`.
 
         With `on_progress`, the task asks for progress messages and each one the handler
         reports is handed to it (best effort: some may be missed, the reply never is)."""
         _, tasks, replies = self._require()
         task_id = task_id or uuid.uuid4().hex
+        if run_timeout_s is not None:
+            fields["timeout_s"] = run_timeout_s
         body: dict[str, Any] = {
             "v": PROTOCOL_VERSION,
             "id": task_id,
@@ -300,6 +410,8 @@ class SwarmClient:
             self._progress_listeners[correlation_id] = on_progress
         # A reply that never comes (the wait timed out or was cancelled) leaves nothing behind.
         future.add_done_callback(lambda _: self._forget(correlation_id))
+        self._sent[future] = (task_id, task_queue(task_type))
+        self._owed.add(correlation_id)
         message = aio_pika.Message(
             encode(body),
             content_type=CONTENT_TYPE,
@@ -314,10 +426,12 @@ class SwarmClient:
         except Exception as exc:
             self._waiting.pop(correlation_id, None)
             self._progress_listeners.pop(correlation_id, None)
+            self._owed.discard(correlation_id)
             raise SubmitError(f"task {task_id} was not accepted by RabbitMQ: {exc}") from exc
         if isinstance(confirmation, DeliveredMessage):
             self._waiting.pop(correlation_id, None)
             self._progress_listeners.pop(correlation_id, None)
+            self._owed.discard(correlation_id)
             raise SubmitError(f"task {task_id} was unroutable: no queue for type {task_type!r}")
         return future
 
@@ -370,23 +484,65 @@ class SwarmClient:
         handler: str,
         args: Any = None,
         *,
-        timeout_s: float | None = None,
+        wait_s: float | None = None,
+        run_timeout_s: float | None = None,
         **fields: Any,
     ) -> Reply:
-        """Publish one task and wait for its reply. `fields` are the optional task keys
-        (task_id, resources, pool, priority, deadline, max_retries, and `run_timeout_s` for
-        the task's own `timeout_s`)."""
-        if "run_timeout_s" in fields:
-            fields["timeout_s"] = fields.pop("run_timeout_s")
-        future = await self.send(task_type, handler, args, **fields)
-        return await self._wait(future, timeout_s)
+        """Publish one task and wait for its reply.
 
-    async def _wait(self, future: "asyncio.Future[Reply]", timeout_s: float | None) -> Reply:
-        wait_s = timeout_s if timeout_s is not None else self._reply_timeout_s
+        `wait_s` is how long this client waits for the reply (default: the client's
+        `reply_timeout_s`; None there too: no limit); past it, `ReplyTimeout`, and the task
+        goes on. `run_timeout_s` is the task's run limit (the wire key `timeout_s`): past it
+        the daemon stops the run and answers `timeout`. `fields` are the other optional task
+        keys (task_id, resources, pool, priority, deadline, max_retries, on_progress).
+        `timeout_s=` is the deprecated name of `wait_s`."""
+        wait_s = _deprecated_timeout(fields, wait_s, "submit")
+        future = await self.send(task_type, handler, args, run_timeout_s=run_timeout_s, **fields)
+        return await self._wait(future, wait_s)
+
+    async def _wait(self, future: "asyncio.Future[Reply]", wait_s: float | None) -> Reply:
+        limit_s = wait_s if wait_s is not None else self._reply_timeout_s
         try:
-            return await asyncio.wait_for(future, wait_s)
+            return await asyncio.wait_for(future, limit_s)
         except asyncio.TimeoutError as exc:
-            raise ReplyTimeout(f"no reply within {wait_s:g} s") from exc
+            task_id, queue = self._sent.get(future, (None, CONTROL_QUEUE))
+            raise await self._reply_timeout(task_id, queue, limit_s) from exc
+
+    async def _reply_timeout(
+        self, task_id: str | None, queue: str, wait_s: float | None
+    ) -> ReplyTimeout:
+        """The timeout, saying which task and, when it can tell, that no daemon consumes the
+        queue the request went to (a passive declare's consumer count)."""
+        what = f"task {task_id}" if task_id is not None else f"the request on {queue}"
+        message = f"no reply for {what} within {wait_s:g} s"
+        consumers = await self.consumers(queue)
+        if consumers == 0:
+            message += f"; no daemon consumes {queue} (is `swarm run` up?)"
+        elif consumers is not None:
+            message += f" ({queue} has {consumers} consumer{'s' if consumers != 1 else ''})"
+        return ReplyTimeout(message, task_id=task_id, queue=queue, consumers=consumers)
+
+    async def consumers(self, queue: str) -> int | None:
+        """How many consumers `queue` has now (a passive declare on a channel of its own),
+        or None when that cannot be read (not connected, no such queue)."""
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            return None
+
+        async def count() -> int:
+            channel = await connection.channel()
+            try:
+                declared = await channel.declare_queue(queue, passive=True)
+                result = declared.declaration_result
+                return int(result.consumer_count or 0)
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+
+        try:
+            return await asyncio.wait_for(count(), CLOSE_S)
+        except Exception:  # only a hint in a message
+            return None
 
     async def map(
         self,
@@ -395,45 +551,91 @@ class SwarmClient:
         many_args: Iterable[Any],
         *,
         max_in_flight: int = 256,
-        timeout_s: float | None = None,
+        wait_s: float | None = None,
+        run_timeout_s: float | None = None,
         **fields: Any,
     ) -> AsyncIterator[Reply]:
         """Submit a task per item with at most `max_in_flight` unanswered; yield replies in
-        the order of the inputs."""
+        the order of the inputs. `wait_s` bounds the wait for each reply, `run_timeout_s` is
+        each task's run limit (as for `submit`; `timeout_s=` is the deprecated `wait_s`)."""
+        wait_s = _deprecated_timeout(fields, wait_s, "map")
         window: asyncio.Queue[asyncio.Future[Reply] | None] = asyncio.Queue(max_in_flight)
 
         async def produce() -> None:
             for args in many_args:
-                await window.put(await self.send(task_type, handler, args, **fields))
+                future = await self.send(
+                    task_type, handler, args, run_timeout_s=run_timeout_s, **fields
+                )
+                await window.put(future)
             await window.put(None)
 
         producer = asyncio.create_task(produce())
         try:
             while (future := await window.get()) is not None:
-                yield await self._wait(future, timeout_s)
+                yield await self._wait(future, wait_s)
             await producer
         finally:
             producer.cancel()
 
-    async def status(self, *, timeout_s: float = 30.0) -> dict[str, Any]:
-        """The daemon's `status` control answer: pools, nodes, queues, limits."""
+    async def _control(self, request: dict[str, Any], wait_s: float) -> Any:
+        """Send a control request to `swarm.control` and return its ok answer's result. The
+        request expires from the queue after `wait_s` unread: none lingers for a daemon that
+        starts later, when no one waits for its answer any more."""
         channel, _, replies = self._require()
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[correlation_id] = future
-        await channel.default_exchange.publish(
-            aio_pika.Message(
-                encode({"v": PROTOCOL_VERSION, "op": "status"}),
-                content_type=CONTENT_TYPE,
-                correlation_id=correlation_id,
-                reply_to=replies.name,
-            ),
-            CONTROL_QUEUE,
-        )
-        reply = await self._wait(future, timeout_s)
+        future.add_done_callback(lambda _: self._forget(correlation_id))
+        self._owed.add(correlation_id)
+        try:
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    encode({"v": PROTOCOL_VERSION, **request}),
+                    content_type=CONTENT_TYPE,
+                    correlation_id=correlation_id,
+                    reply_to=replies.name,
+                    expiration=max(wait_s, 0.001),
+                ),
+                CONTROL_QUEUE,
+            )
+        except BaseException:
+            self._owed.discard(correlation_id)
+            future.cancel()
+            raise
+        reply = await self._wait(future, wait_s)
         if reply.status != "ok":
-            raise BrokerError(f"status failed: {reply.error}")
-        return reply.result  # type: ignore[no-any-return]
+            raise BrokerError(f"{request['op']} failed: {reply.error}")
+        return reply.result
+
+    async def status(self, *, wait_s: float | None = None, **deprecated: Any) -> dict[str, Any]:
+        """The daemon's `status` control answer: pools, nodes, queues, limits. `wait_s`:
+        how long to wait for it (default 30 s; `timeout_s=` is its deprecated name)."""
+        wait_s = _deprecated_timeout(deprecated, wait_s, "status")
+        if deprecated:
+            raise TypeError(f"status() got unexpected keyword arguments {sorted(deprecated)}")
+        return await self._control(  # type: ignore[no-any-return]
+            {"op": "status"}, CONTROL_WAIT_S if wait_s is None else wait_s
+        )
+
+    async def cancel(self, task_id: str, *, wait_s: float = CONTROL_WAIT_S) -> dict[str, Any]:
+        """Ask the daemon to cancel the task `task_id`; its answer's `state` says what
+        happened: `waiting` or `running` (the task will be answered `cancelled`), `unseen`
+        (not arrived yet: remembered, and answered `cancelled` when it comes, within
+        `remembered_s`), `finishing` (too late: its outcome is being published) or
+        `finished` (too late: `status` is its stored outcome)."""
+        return await self._control(  # type: ignore[no-any-return]
+            {"op": "cancel", "id": task_id}, wait_s
+        )
+
+    async def task(self, task_id: str, *, wait_s: float = CONTROL_WAIT_S) -> dict[str, Any]:
+        """What the daemon that answers knows of the task `task_id`; its answer's `state`:
+        `done` (`status`, `recorded_at_s` and `reply`, the stored reply as a mapping, or only
+        `reply_bytes` when it is over 1 MiB), `waiting`, `running`, `finishing` (its outcome
+        is being published) or `unknown` (not seen by that daemon, or past the outcome
+        retention window; a task waiting in RabbitMQ's queue is not seen yet)."""
+        return await self._control(  # type: ignore[no-any-return]
+            {"op": "task", "id": task_id}, wait_s
+        )
 
 
 def _takes_the_arguments_of(
@@ -479,5 +681,8 @@ class SyncSwarmClient:
 
         return self._loop.run_until_complete(collect())
 
-    def status(self) -> dict[str, Any]:
-        return self._loop.run_until_complete(self._client.status())
+    def status(self, **kwargs: Any) -> dict[str, Any]:
+        return self._loop.run_until_complete(self._client.status(**kwargs))
+
+    def cancel(self, task_id: str, **kwargs: Any) -> dict[str, Any]:
+        return self._loop.run_until_complete(self._client.cancel(task_id, **kwargs))
