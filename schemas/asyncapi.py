@@ -145,7 +145,7 @@ def asyncapi_document() -> dict[str, Any]:
     channels["control"] = _queue_channel(
         CONTROL_QUEUE,
         CONTROL_QUEUE_ARGUMENTS,
-        "Control requests (`status`, `cancel`), with a `reply_to`.",
+        "Control requests (`status`, `cancel`, `task`), with a `reply_to`.",
         {"ControlRequest": _message_ref("ControlRequest")},
     )
     channels["reply"] = {

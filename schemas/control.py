@@ -18,11 +18,20 @@ class CancelRequest(WireModel):
     id: Annotated[str, Field(min_length=1, max_length=128)]
 
 
-ControlRequest: TypeAlias = Annotated[StatusRequest | CancelRequest, Field(discriminator="op")]
+class TaskRequest(WireModel):
+    """What the daemon knows of one task: its stored outcome, or that it waits or runs."""
 
-_control_adapter: TypeAdapter[StatusRequest | CancelRequest] = TypeAdapter(ControlRequest)
+    v: ProtocolVersion
+    op: Literal["task"]
+    id: Annotated[str, Field(min_length=1, max_length=128)]
 
 
-def parse_control(payload: object) -> StatusRequest | CancelRequest:
+AnyControlRequest: TypeAlias = StatusRequest | CancelRequest | TaskRequest
+ControlRequest: TypeAlias = Annotated[AnyControlRequest, Field(discriminator="op")]
+
+_control_adapter: TypeAdapter[AnyControlRequest] = TypeAdapter(ControlRequest)
+
+
+def parse_control(payload: object) -> AnyControlRequest:
     """Validate a decoded control body; raises pydantic.ValidationError."""
     return _control_adapter.validate_python(payload)

@@ -1,5 +1,5 @@
 """Control requests on `swarm.control`: `status` (ledger, pools, queues, limits, the RabbitMQ
-node) and `cancel`."""
+node), `cancel`, and `task` (what this daemon knows of one task id)."""
 
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,12 +17,15 @@ from broker.tasks.intake import describe_validation
 from broker.tasks.outcome import Outcome
 from broker.tasks.processor import TaskProcessor
 from broker.tasks.replies import encode_reply, error_reply
-from schemas.codec import DecodeError, decode
-from schemas.control import CancelRequest, parse_control
+from schemas.codec import CodecLimits, DecodeError, decode
+from schemas.control import CancelRequest, TaskRequest, parse_control
 from schemas.reply import Reply
 from schemas.topology import CONTENT_TYPE, CONTROL_ROUTING_TYPE
 
 ROUTING_TYPE = CONTROL_ROUTING_TYPE
+# A stored reply larger than this is described, not sent back, in a `task` answer: the answer
+# must stay readable by any client's default decoding limits.
+TASK_REPLY_MAX_BYTES = 1024 * 1024
 
 
 class ControlProcessor:
@@ -66,6 +69,8 @@ class ControlProcessor:
             return self._invalid(describe_validation(exc))
         if isinstance(request, CancelRequest):
             return self._ok(await self.cancel(request.id))
+        if isinstance(request, TaskRequest):
+            return self._ok(self.task(request.id))
         return self._ok(await self.status())
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
@@ -81,6 +86,47 @@ class ControlProcessor:
             await self._store.remember_cancel(task_id)
             return {"id": task_id, "state": "unseen", "remembered_s": self._store.retention_s}
         return {"id": task_id, "state": state}
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        """What this daemon knows of one task. `state`: `done` (its outcome is stored: `status`,
+        `recorded_at_s` and `reply`, the stored reply decoded; over TASK_REPLY_MAX_BYTES only
+        its size, `reply_bytes`), `waiting` (admitted, waiting for room), `running`,
+        `finishing` (its outcome is being published), or `unknown` (not seen here, or its
+        outcome is past the retention window; `cancel_remembered` when a cancel waits for
+        it)."""
+        stored = self._store.get(task_id)
+        if stored is not None:
+            answer: dict[str, Any] = {
+                "id": task_id,
+                "state": "done",
+                "status": stored.status,
+                "recorded_at_s": stored.recorded_at_s,
+                "reply_bytes": len(stored.reply_body),
+            }
+            if len(stored.reply_body) <= TASK_REPLY_MAX_BYTES:
+                limits = CodecLimits(
+                    max_body_bytes=TASK_REPLY_MAX_BYTES,
+                    max_depth=self._settings.max_depth + 2,  # the reply's own map around it
+                    max_containers=self._settings.max_containers + 2,
+                )
+                try:
+                    answer["reply"] = decode(stored.reply_body, limits)
+                except DecodeError as exc:
+                    answer["reply_error"] = f"the stored reply could not be decoded: {exc}"
+            return answer
+        active = self._tasks.active.get(task_id)
+        if active is not None:
+            if active.worker is None:
+                state = "finishing"
+            else:
+                state = "running" if active.running else "waiting"
+            return {"id": task_id, "state": state, "attempts": active.attempts}
+        return {
+            "id": task_id,
+            "state": "unknown",
+            "cancel_remembered": self._store.cancel_pending(task_id),
+            "retention_s": self._store.retention_s,
+        }
 
     async def status(self) -> dict[str, Any]:
         """Pools, nodes, queue depths and limits, read after the request arrived."""

@@ -252,6 +252,8 @@ def test_progress_payload(document: dict[str, Any]) -> None:
         ({"v": 1, "op": "status"}, True),
         ({"v": 1, "op": "cancel", "id": "t-1"}, True),
         ({"v": 1, "op": "cancel"}, False),
+        ({"v": 1, "op": "task", "id": "t-1"}, True),
+        ({"v": 1, "op": "task"}, False),
         ({"v": 1, "op": "restart"}, False),
         ({"v": 1, "op": "status", "id": "t-1"}, False),
     ],

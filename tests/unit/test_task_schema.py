@@ -351,9 +351,9 @@ def test_task_schema_is_closed_and_requires_the_four_keys() -> None:
     assert set(props["type"]["enum"]) == {"training", "inference", "data_processing"}
 
 
-def test_control_schema_covers_both_ops() -> None:
+def test_control_schema_covers_every_op() -> None:
     control = wire_schema()["control"]
-    assert set(control["$defs"]) == {"StatusRequest", "CancelRequest"}
+    assert set(control["$defs"]) == {"StatusRequest", "CancelRequest", "TaskRequest"}
     assert all(d["additionalProperties"] is False for d in control["$defs"].values())
     assert control["discriminator"]["propertyName"] == "op"
 
