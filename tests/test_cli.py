@@ -200,11 +200,11 @@ async def test_cancel_a_running_task_then_too_late_then_one_not_sent_yet(
 
     too_late = await _swarm("cancel", "cli-long", amqp_url=amqp_url)
     assert too_late.returncode == 3, too_late.stderr
-    assert json.loads(too_late.stdout) == {
-        "id": "cli-long",
-        "state": "finished",
-        "status": "cancelled",
-    }
+    # The reply may come before its outcome is recorded: "finishing" is too late as well.
+    assert json.loads(too_late.stdout) in (
+        {"id": "cli-long", "state": "finished", "status": "cancelled"},
+        {"id": "cli-long", "state": "finishing"},
+    )
     ahead = await _swarm("cancel", "cli-not-sent-yet", amqp_url=amqp_url)
     assert ahead.returncode == 0, ahead.stderr
     assert json.loads(ahead.stdout)["state"] == "unseen"

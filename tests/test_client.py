@@ -191,8 +191,9 @@ async def test_client_cancel(start_daemon: DaemonFactory, amqp_url: str, tmp_pat
         await until_journaled(journal, 1)
         assert await client.cancel("to-cancel") == {"id": "to-cancel", "state": "running"}
         assert (await asyncio.wait_for(future, 60)).status == "cancelled"
-        assert await client.cancel("to-cancel") == {
-            "id": "to-cancel",
-            "state": "finished",
-            "status": "cancelled",
-        }
+        # Too late now; the reply may reach us before its outcome is recorded ("finishing").
+        too_late = await client.cancel("to-cancel")
+        assert too_late in (
+            {"id": "to-cancel", "state": "finished", "status": "cancelled"},
+            {"id": "to-cancel", "state": "finishing"},
+        )
