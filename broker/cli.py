@@ -532,6 +532,9 @@ def _add_subcommands() -> None:
     from broker.dead_cli import dead_app
 
     app.add_typer(dead_app, name="dead")
+    from broker.console.cli import console
+
+    app.command("console")(console)
 
 
 _add_subcommands()

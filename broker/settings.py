@@ -238,6 +238,25 @@ class Settings(BaseSettings):
     metrics_interval_s: float = Field(
         default=5.0, gt=0, description="how often the ledger, pool and queue gauges refresh"
     )
+    console_host: str = Field(
+        default="127.0.0.1",
+        description="address `swarm console` binds; any but loopback needs SWARM_CONSOLE_TOKEN",
+    )
+    console_port: int = Field(
+        default=9470, ge=0, le=65535, description="port of `swarm console` (0: any free port)"
+    )
+    console_token: SecretStr | None = Field(
+        default=None,
+        description="token `swarm console` asks of every request (a bearer header, or the "
+        "login form's cookie); required to bind beyond loopback",
+    )
+    console_metrics_url: str = Field(
+        default="http://127.0.0.1:9464/metrics",
+        description="the daemon's /metrics URL that `swarm console` charts",
+    )
+    console_interval_s: float = Field(
+        default=2.0, gt=0, description="how often `swarm console` samples the metrics"
+    )
 
     @classmethod
     def settings_customise_sources(
