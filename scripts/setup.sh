@@ -33,6 +33,15 @@ if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id 
     || echo "promtool not installed: tests/test_alerting.py's promtool tests will be skipped" >&2
 fi
 
+# chromium (Debian's) is the browser tests/test_console.py drives headless through Playwright.
+# Best effort: without it that test is skipped (under CI it fails).
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing chromium (apt-get)" >&2
+  apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+  { apt_install || { apt-get update -qq && apt_install; }; } >/dev/null 2>&1 \
+    || echo "chromium not installed: tests/test_console.py's browser tests will be skipped" >&2
+fi
+
 amqp_up() {
   .venv/bin/python - <<'PY'
 import asyncio, os, sys
