@@ -318,6 +318,14 @@ def backfill(
         float | None,
         typer.Option("--wait", help="seconds to wait for each reply (default: no limit)"),
     ] = None,
+    retry_errors: Annotated[
+        bool,
+        typer.Option(
+            "--retry-errors",
+            help="send again the lines whose reply was an error (they run again; an ok "
+            "line never does)",
+        ),
+    ] = False,
 ) -> None:
     """Send every task of a JSONL file, resumably: a rerun skips the ids already done.
 
@@ -367,6 +375,7 @@ def backfill(
                 window=window,
                 on_progress=on_progress,
                 reply_timeout_s=wait_s,
+                retry_errors=retry_errors,
             )
 
     try:

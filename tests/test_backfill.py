@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import DaemonFactory
 from daemon_process import SWARM
 
 from broker.daemon import Daemon
@@ -53,7 +54,8 @@ def ids_of(path: Path) -> list[str]:
 
 
 def recorded(source: Path) -> list[str]:
-    return default_state_path(source).read_text().splitlines()
+    """The ids in the state file (each line: the id, a tab, the reply's status)."""
+    return [line.split("\t")[0] for line in default_state_path(source).read_text().splitlines()]
 
 
 class Steps:
@@ -294,6 +296,57 @@ async def test_cli_backfill_end_to_end(daemon: Daemon, amqp_url: str, tmp_path: 
     assert count(again.stdout, "skipped (already done)") == 12
     assert count(again.stdout, "invalid lines") == 1
     assert "line 13: not JSON" in again.stdout
+
+
+async def test_retry_errors_runs_the_failed_lines_again_and_never_an_ok_one(
+    start_daemon: DaemonFactory, amqp_url: str, tmp_path: Path
+) -> None:
+    await start_daemon(handler_modules=["workers.diagnostics"])
+    journal = tmp_path / "ok-runs"
+    lines = [
+        # Fail their first run (no retries), succeed from the second: "fixed" by then.
+        *(
+            json.dumps(
+                {
+                    "id": f"flaky-{n}",
+                    "type": "data_processing",
+                    "handler": "flaky",
+                    "args": {"path": str(tmp_path / f"flaky-{n}"), "failures": 1},
+                    "max_retries": 0,
+                }
+            )
+            for n in range(3)
+        ),
+        *(
+            json.dumps(
+                {
+                    "id": f"ok-{n}",
+                    "type": "data_processing",
+                    "handler": "journal",
+                    "args": {"path": str(journal), "entry": f"ok-{n}"},
+                }
+            )
+            for n in range(2)
+        ),
+    ]
+    source = write(tmp_path / "tasks.jsonl", lines)
+    first = await swarm("backfill", str(source), amqp_url=amqp_url)
+    assert first.returncode == 0, first.stderr  # error replies are final outcomes
+    assert (count(first.stdout, "ok"), count(first.stdout, "handler_error")) == (2, 3)
+
+    plain = await swarm("backfill", str(source), amqp_url=amqp_url)
+    assert count(plain.stdout, "sent") == 0 and count(plain.stdout, "skipped (already done)") == 5
+
+    retried = await swarm("backfill", str(source), "--retry-errors", amqp_url=amqp_url)
+    assert retried.returncode == 0, retried.stderr
+    assert (count(retried.stdout, "sent"), count(retried.stdout, "ok")) == (3, 3)
+    assert count(retried.stdout, "skipped (already done)") == 2
+    for n in range(3):  # ran twice: the error, then the replay
+        assert (tmp_path / f"flaky-{n}").read_text().count("run") == 2
+    assert journal.read_text().split() == ["ok-0", "ok-1"]  # never run again
+
+    again = await swarm("backfill", str(source), "--retry-errors", amqp_url=amqp_url)
+    assert count(again.stdout, "sent") == 0 and count(again.stdout, "skipped (already done)") == 5
 
 
 async def test_cli_backfill_unreachable_rabbitmq_exits_2(tmp_path: Path) -> None:

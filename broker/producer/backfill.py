@@ -11,7 +11,10 @@ instead of running it again (one outcome per task id). Identical lines without a
 therefore one task; give them ids to run them twice.
 
 Every id whose final reply arrived (ok or not) is appended to the state file, `<source>.done`
-by default, one per line and flushed at once; a rerun skips those ids without sending them.
+by default, one per line with its reply's status and flushed at once; a rerun skips those ids
+without sending them. With `retry_errors`, a rerun sends again the ids whose reply was
+`error`, marked as a replay (`x-swarm-replay`): the daemon runs them again although it
+stored their error, while an id it answered `ok` is never run twice.
 Invalid lines, error replies and replies that never came are appended to
 `<source>.errors.jsonl`. Neither stops the run.
 """
@@ -35,6 +38,7 @@ from broker.producer.backfill_files import (
     derive_id,
     load_done,
     parse_line,
+    state_line,
     task_lines,
 )
 from broker.producer.client import SwarmClient
@@ -179,7 +183,7 @@ class _Run:
 
     def record(self, line: int, reply: Reply, task_id: str) -> None:
         # The state file first: once a reply is here, a rerun must not need to send it again.
-        self.state_log.append(task_id)
+        self.state_log.append(state_line(task_id, reply.status))
         if reply.status == "ok":
             self.ok += 1
         else:
@@ -229,6 +233,7 @@ async def backfill(
     on_progress: Callable[[BackfillProgress], None] | None = None,
     reply_timeout_s: float | None = None,
     errors: Path | None = None,
+    retry_errors: bool = False,
 ) -> BackfillSummary:
     """Send every task of `source` not yet recorded in `state`, at most `rate_per_s` per second
     and `window` unanswered at a time, and wait for their replies.
@@ -236,9 +241,11 @@ async def backfill(
     `state` defaults to `<source>.done`, `errors` to `<source>.errors.jsonl`; both are appended
     to. `reply_timeout_s` bounds the wait for each reply (None: wait as long as it takes); a
     task past it is counted `missing`, not recorded, and sent again by the next run.
-    `on_progress` is called after every step. Cancelling the call stops sending and stops
-    waiting; what was recorded stays recorded, and a rerun resumes from there. A `SubmitError`
-    (RabbitMQ refused or stayed unreachable) ends the run the same way and is raised.
+    `retry_errors` sends again the ids whose recorded reply was `error`, as replays (see the
+    module's docstring). `on_progress` is called after every step. Cancelling the call stops
+    sending and stops waiting; what was recorded stays recorded, and a rerun resumes from
+    there. A `SubmitError` (RabbitMQ refused or stayed unreachable) ends the run the same way
+    and is raised.
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, not {window}")
@@ -252,7 +259,7 @@ async def backfill(
     with contextlib.closing(state_log), contextlib.closing(errors_log):
         run = _Run(
             total=count_lines(source),
-            done=load_done(state),
+            done=load_done(state, retry_errors=retry_errors),
             state_log=state_log,
             errors_log=errors_log,
             slots=asyncio.Semaphore(window),
@@ -273,7 +280,7 @@ async def backfill(
                         run.report("duplicate", number, task.id)
                     else:
                         seen.add(task.id)
-                        future = await _send(client, task, run.slots, bucket)
+                        future = await _send(client, task, run.slots, bucket, retry_errors)
                         run.sent += 1
                         run.report("sent", number, task.id)
                         waiter = asyncio.create_task(run.settle(number, task.id, future))
@@ -304,6 +311,7 @@ async def _send(
     task: TaskMessage,
     slots: asyncio.Semaphore,
     bucket: TokenBucket | None,
+    replay: bool = False,
 ) -> "asyncio.Future[Reply]":
     """Publish one task once the window has room and the bucket has a token."""
     await slots.acquire()
@@ -311,7 +319,9 @@ async def _send(
         if bucket is not None:
             await bucket.acquire()
         optional = task.model_dump(exclude_none=True, exclude=REQUIRED_KEYS)
-        future = await client.send(task.type, task.handler, task.args, task_id=task.id, **optional)
+        future = await client.send(
+            task.type, task.handler, task.args, task_id=task.id, replay=replay, **optional
+        )
         _raise_if_cancelling()
         return future
     except BaseException:

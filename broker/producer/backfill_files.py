@@ -69,13 +69,30 @@ def task_lines(source: Path) -> Generator[tuple[int, str], None, None]:
                 yield number, text
 
 
-def load_done(state: Path) -> set[str]:
-    """The ids a previous run recorded. A torn last line (a crash mid-write) holds a partial id
-    that matches nothing, so that task is sent again: harmless, its id is the same."""
+def state_line(task_id: str, status: str) -> str:
+    """A state file's line: the id and the reply's status, tab-separated (a task id holds no
+    control character: the schema refuses them)."""
+    return f"{task_id}\t{status}"
+
+
+def load_done(state: Path, *, retry_errors: bool = False) -> set[str]:
+    """The ids a previous run recorded: not to send again. With `retry_errors`, less those
+    whose last recorded reply was `error` (a line of an older run, an id alone, counts as
+    done). A torn last line (a crash mid-write) holds a partial id that matches nothing, so
+    that task is sent again: harmless, its id is the same."""
     if not state.exists():
         return set()
+    last: dict[str, str | None] = {}
     with state.open(encoding="utf-8") as lines:
-        return {text.strip() for text in lines if text.strip()}
+        for text in lines:
+            task_id, _, status = text.strip().partition("\t")
+            if task_id:
+                last[task_id] = status or None
+    return {
+        task_id
+        for task_id, status in last.items()
+        if not (retry_errors and status == "error")
+    }
 
 
 class AppendLog:

@@ -47,6 +47,7 @@ from schemas.topology import (
     CONTROL_QUEUE,
     PROGRESS_HEADER,
     PROTOCOL_VERSION,
+    REPLAY_HEADER,
     STATUS_HEADER,
     task_queue,
 )
@@ -380,9 +381,13 @@ class SwarmClient:
         task_id: str | None = None,
         on_progress: Callable[[ProgressMessage], None] | None = None,
         run_timeout_s: float | None = None,
+        replay: bool = False,
         **fields: Any,
     ) -> "asyncio.Future[Reply]":
         """Publish one task (confirmed by RabbitMQ) and return a future of its reply.
+
+        `replay`: the task runs again although its id's stored outcome is an error (the wire
+        contract's `x-swarm-replay`); a stored `ok` is still answered from the store.
 
         `fields` are the task's optional wire keys (resources, pool, priority, deadline,
         max_retries); `run_timeout_s` is the task's run limit, the wire key `timeout_s` (which
@@ -412,6 +417,11 @@ class SwarmClient:
         future.add_done_callback(lambda _: self._forget(correlation_id))
         self._sent[future] = (task_id, task_queue(task_type))
         self._owed.add(correlation_id)
+        headers: dict[str, Any] = {}
+        if on_progress is not None:
+            headers[PROGRESS_HEADER] = True
+        if replay:
+            headers[REPLAY_HEADER] = uuid.uuid4().hex
         message = aio_pika.Message(
             encode(body),
             content_type=CONTENT_TYPE,
@@ -419,7 +429,7 @@ class SwarmClient:
             correlation_id=correlation_id,
             reply_to=replies.name,
             delivery_mode=DeliveryMode.PERSISTENT,
-            headers={PROGRESS_HEADER: True} if on_progress is not None else None,
+            headers=headers or None,
         )
         try:
             confirmation = await self._publish(tasks, message, task_type)
