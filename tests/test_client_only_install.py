@@ -52,7 +52,7 @@ import broker.producer.client as client_module
 async def main() -> None:
     async with SwarmClient(sys.argv[1]) as swarm:
         args = {"x": 1, "from": "client-only"}
-        reply = await swarm.submit("inference", "echo", args, timeout_s=60)
+        reply = await swarm.submit("inference", "echo", args, wait_s=60)
     print(json.dumps({
         "status": reply.status,
         "result": reply.result,

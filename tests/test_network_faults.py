@@ -187,13 +187,13 @@ async def test_client_submits_again_after_a_link_cut(
 ) -> None:
     await start_daemon()  # the daemon connects directly; only the client's link is cut
     async with SwarmClient(proxy.url_for(amqp_url)) as client:
-        before = await client.submit("inference", "echo", {"n": 1}, timeout_s=60)
+        before = await client.submit("inference", "echo", {"n": 1}, wait_s=60)
         assert before.status == "ok"
         assert before.result == {"n": 1}
         connections = proxy.accepted
 
         assert await proxy.cut() == 1
-        after = await client.submit("inference", "echo", {"n": 2}, timeout_s=60)
+        after = await client.submit("inference", "echo", {"n": 2}, wait_s=60)
         assert after.status == "ok"
         assert after.result == {"n": 2}
         assert proxy.accepted > connections  # it came back over a new connection

@@ -78,7 +78,7 @@ async def test_daemon_and_client_round_trip_over_amqps(
     assert daemon_connections >= 1  # a TLS handshake completed for each one
 
     async with SwarmClient(url) as client:
-        reply = await client.submit("inference", "echo", {"over": "tls"}, timeout_s=60)
+        reply = await client.submit("inference", "echo", {"over": "tls"}, wait_s=60)
     assert reply.status == "ok"
     assert reply.result == {"over": "tls"}
     assert tls_proxy.accepted > daemon_connections  # the client came through TLS too
@@ -212,7 +212,7 @@ async def test_daemon_works_with_least_privilege(
 
     # The guest's own client sees the daemon answer as usual.
     async with SwarmClient(amqp_url) as client:
-        assert (await client.submit("data_processing", "echo", 7, timeout_s=60)).result == 7
+        assert (await client.submit("data_processing", "echo", 7, wait_s=60)).result == 7
 
 
 @pytest.mark.parametrize(
