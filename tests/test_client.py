@@ -1,6 +1,10 @@
 """The producers' Python client against the real daemon."""
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -197,3 +201,30 @@ async def test_client_cancel(start_daemon: DaemonFactory, amqp_url: str, tmp_pat
             {"id": "to-cancel", "state": "finished", "status": "cancelled"},
             {"id": "to-cancel", "state": "finishing"},
         )
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_client_example() -> str:
+    section = README.read_text().split("\n## Python client", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    [example] = [block for block in blocks if "asyncio.run" in block]
+    return str(example)
+
+
+async def test_the_readme_client_example_runs_as_written(daemon: Daemon, amqp_url: str) -> None:
+    example = readme_client_example()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        example,
+        env={**os.environ, "AMQP_URL": amqp_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines[0] == "ok {'x': 1}" and lines[1] == "499500"
+    assert "'state'" in lines[2] and lines[3] == "{'seconds': 1}"
