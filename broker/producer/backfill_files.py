@@ -88,11 +88,7 @@ def load_done(state: Path, *, retry_errors: bool = False) -> set[str]:
             task_id, _, status = text.strip().partition("\t")
             if task_id:
                 last[task_id] = status or None
-    return {
-        task_id
-        for task_id, status in last.items()
-        if not (retry_errors and status == "error")
-    }
+    return {task_id for task_id, status in last.items() if not (retry_errors and status == "error")}
 
 
 class AppendLog:
