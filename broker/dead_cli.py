@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from broker.ops.dead_letter_filter import LetterFilter, groups
+from broker.ops.dead_letter_view import details, summary
 from schemas.errors import SwarmError
 
 if TYPE_CHECKING:
@@ -79,19 +80,6 @@ def _run(coro: Any) -> Any:
         _fail(exc)
 
 
-def _summary(letter: "DeadLetter", now: float) -> dict[str, Any]:
-    age = letter.age_s(now)
-    return {
-        "id": letter.task_id,
-        "code": letter.code,
-        "handler": letter.handler,
-        "queue": letter.queue,
-        "attempts": letter.attempts,
-        "age_s": round(age, 1) if age is not None else None,
-        "error": letter.error,
-    }
-
-
 @dead_app.command("ls")
 def list_letters(
     code: Codes = None,
@@ -117,7 +105,7 @@ def list_letters(
     now = time.time()
     if as_json:
         if each:
-            typer.echo(json.dumps([_summary(letter, now) for letter in letters], indent=2))
+            typer.echo(json.dumps([summary(letter, now) for letter in letters], indent=2))
         else:
             rows = [
                 {"code": c, "handler": h, "queue": q, "count": n}
@@ -133,7 +121,7 @@ def list_letters(
         for column in ("id", "code", "handler", "queue", "age s", "error"):
             table.add_column(column)
         for letter in letters:
-            row = _summary(letter, now)
+            row = summary(letter, now)
             table.add_row(
                 *(
                     str(row[key] if row[key] is not None else "-")
@@ -162,39 +150,13 @@ def show(
         async with DeadLetterBox.open(_amqp_url()) as box:
             for letter in await box.scan(limit):
                 if letter.task_id == task_id:
-                    return _details(letter)
+                    return details(letter)
         return None
 
     found = _run(go())
     if found is None:
         _fail(LookupError(f"no dead letter of task {task_id!r} in swarm.dead"))
     typer.echo(json.dumps(found, indent=2, default=_printable))
-
-
-def _details(letter: "DeadLetter") -> dict[str, Any]:
-    from schemas.codec import decode
-
-    try:
-        body: Any = decode(letter.body)
-    except Exception as exc:  # any bytes a producer sent
-        body = {"undecodable": f"{type(exc).__name__}: {exc}", "bytes": letter.body[:256]}
-    headers = letter.headers
-    traceback = headers.pop("x-swarm-traceback", None)
-    message = letter.message
-    return {
-        **_summary(letter, time.time()),
-        "body": body,
-        "properties": {
-            "message_id": message.message_id,
-            "correlation_id": message.correlation_id,
-            "reply_to": message.reply_to,
-            "content_type": message.content_type,
-            "priority": message.priority,
-            "timestamp": message.timestamp,
-        },
-        "headers": headers,
-        "traceback": traceback.decode() if isinstance(traceback, bytes) else traceback,
-    }
 
 
 def _printable(value: Any) -> Any:

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.amqp.dead_letter_box import DeadLetterBox, ReplayError
-from broker.ops.dead_letter_filter import Group, LetterFilter, groups
+from broker.ops.dead_letter_filter import Group, LetterFilter, group_of, groups
+from broker.ops.dead_letter_view import details, summary
 from broker.producer.client import SwarmClient
-from schemas.codec import decode
 
 if TYPE_CHECKING:
     from broker.amqp.dead_letter_box import DeadLetter
@@ -89,56 +89,13 @@ class Selection:
     group: Group | None = None
 
     def __call__(self, letter: "DeadLetter") -> bool:
-        if self.group is not None and _group_of(letter) != self.group:
+        if self.group is not None and group_of(letter) != self.group:
             return False
         return self.filter(letter)
 
     @property
     def everything(self) -> bool:
         return self.group is None and self.filter.empty
-
-
-def _group_of(letter: "DeadLetter") -> Group:
-    return (letter.code or "-", letter.handler or "-", letter.queue or "-")
-
-
-def summary(letter: "DeadLetter", now: float) -> dict[str, Any]:
-    age = letter.age_s(now)
-    return {
-        "id": letter.task_id,
-        "code": letter.code,
-        "handler": letter.handler,
-        "queue": letter.queue,
-        "attempts": letter.attempts,
-        "age_s": round(age, 1) if age is not None else None,
-        "error": letter.error,
-    }
-
-
-def details(letter: "DeadLetter") -> dict[str, Any]:
-    """A letter as `swarm dead show` prints it: summary, body decoded, properties, headers
-    (the traceback apart)."""
-    try:
-        body: Any = decode(letter.body)
-    except Exception as exc:  # any bytes a producer sent
-        body = {"undecodable": f"{type(exc).__name__}: {exc}", "bytes": letter.body[:256]}
-    headers = letter.headers
-    headers.pop("x-swarm-traceback", None)
-    message = letter.message
-    return {
-        **summary(letter, time.time()),
-        "body": body,
-        "properties": {
-            "message_id": message.message_id,
-            "correlation_id": message.correlation_id,
-            "reply_to": message.reply_to,
-            "content_type": message.content_type,
-            "priority": message.priority,
-            "timestamp": message.timestamp,
-        },
-        "headers": headers,
-        "traceback": letter.traceback,
-    }
 
 
 @dataclass

@@ -51,7 +51,11 @@ class LetterFilter:
 Group = tuple[str, str, str]  # code, handler, queue ("-" where a letter does not say)
 
 
+def group_of(letter: "DeadLetter") -> Group:
+    return (letter.code or "-", letter.handler or "-", letter.queue or "-")
+
+
 def groups(letters: Iterable["DeadLetter"]) -> list[tuple[Group, int]]:
     """Counts by (code, handler, queue), the largest group first."""
-    counted = Counter((x.code or "-", x.handler or "-", x.queue or "-") for x in letters)
+    counted = Counter(group_of(letter) for letter in letters)
     return sorted(counted.items(), key=lambda item: (-item[1], item[0]))
