@@ -133,6 +133,15 @@ def sample_names(samples: Samples) -> set[str]:
     return {name for name, _ in samples}
 
 
+def finished(samples: Samples, task_type: str) -> float:
+    """Tasks of a type answered and settled, whatever their status and pool."""
+    return sum(
+        count
+        for (name, labels), count in samples.items()
+        if name == "swarm_tasks_finished_total" and ("type", task_type) in labels
+    )
+
+
 async def test_alerts_and_dashboard_query_only_exported_metrics_and_dead_letters_count_by_code(
     start_daemon: DaemonFactory, producer: RawProducer
 ) -> None:
@@ -146,15 +155,18 @@ async def test_alerts_and_dashboard_query_only_exported_metrics_and_dead_letters
     assert sorted(r.payload["status"] for r in replies) == ["error", "ok"]
     letter = await dead.one()
     assert letter.headers["x-swarm-error-code"] == "unknown_handler"
-    # The counter goes up once swarm.dead confirmed the letter; the gauges on the refresh.
+    # The counters go up once each outcome is settled (its reply, its letter confirmed), which
+    # may be after the producer has its reply; the gauges on the refresh.
     samples = await scrape_until(
         port,
         lambda s: (
-            value(s, "swarm_dead_letters_total", code="unknown_handler") == 1
+            finished(s, "inference") == 2
+            and value(s, "swarm_dead_letters_total", code="unknown_handler") == 1
             and value(s, "swarm_queue_consumers", queue=INFERENCE) is not None
             and value(s, "swarm_queue_oldest_waiting_seconds", queue=INFERENCE) is not None
         ),
     )
+    assert finished(samples, "inference") == 2
     assert value(samples, "swarm_dead_letters_total", code="unknown_handler") == 1
     assert value(samples, "swarm_dead_letters_total", code="handler_error") == 0
     assert value(samples, "swarm_queue_consumers", queue=INFERENCE) == 1  # this daemon
