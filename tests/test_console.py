@@ -18,7 +18,7 @@ from conftest import (
 from raw import RawProducer, task
 from typer.testing import CliRunner
 
-from broker.cli import app
+from broker.cli.root import app
 from broker.daemon import Daemon
 from broker.producer.client import SwarmClient
 from schemas.topology import DEAD_QUEUE

@@ -55,7 +55,7 @@ class Replies:
     reached: dict[int, asyncio.Event] = field(default_factory=dict)
 
     def watch(self, client: SwarmClient) -> None:
-        forward = client._on_reply
+        forward = client._session.on_reply
 
         async def on_reply(message: AbstractIncomingMessage) -> None:
             self.bodies[decode(message.body)["id"]].append(bytes(message.body))
@@ -64,7 +64,7 @@ class Replies:
                     event.set()
             await forward(message)
 
-        client._on_reply = on_reply  # type: ignore[method-assign]
+        client._session.on_reply = on_reply
 
     def when(self, count: int) -> asyncio.Event:
         self.reached[count] = asyncio.Event()
@@ -212,17 +212,17 @@ async def test_the_client_republishes_what_was_unconfirmed_when_its_node_died(
         replies = Replies(TASKS)
         replies.watch(client)
         reconnected_at: list[float] = []
-        opened = client._open_on
+        opened = client._session.open_on
 
         async def open_on(url: str) -> None:
             await opened(url)
             reconnected_at.append(time.monotonic())
 
-        client._open_on = open_on  # type: ignore[method-assign]
+        client._session.open_on = open_on  # type: ignore[method-assign]
         ids = [f"b-{index}" for index in range(TASKS)]
         # The reply queue's quorum leader is on the node to be killed (declared there): the
         # daemon's replies meet its election (nacks) and are sent again.
-        members = await asyncio.to_thread(cluster.queue_members, two, client._reply_queue)
+        members = await asyncio.to_thread(cluster.queue_members, two, client.reply_queue)
         assert members["leader"] == one.name, members
         confirmed = asyncio.Event()
         sending = asyncio.create_task(send_all(client, "b", confirmed))

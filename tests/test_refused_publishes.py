@@ -414,8 +414,8 @@ async def test_the_client_sends_a_refused_task_again_until_its_queue_takes_it(
         await asyncio.wait_for(asyncio.gather(*sends), 30)  # none raised SubmitError
         # Each once: a nacked publish is not queued. (The declare's count is the queue's
         # own; list_queues counts a quorum queue's messages with a delay.)
-        assert client._channel is not None
-        declared = await client._channel.declare_queue(queue, passive=True)
+        assert client._session.channel is not None
+        declared = await client._session.channel.declare_queue(queue, passive=True)
     assert declared.declaration_result.message_count == len(sends)
 
 

@@ -32,10 +32,10 @@ def console(
     SWARM_CONSOLE_TOKEN)."""
     import uvicorn
 
-    from broker.cli import _settings
+    from broker.cli.common import settings_or_exit
     from broker.console.app import ConsoleConfig, create_app
 
-    settings = _settings()
+    settings = settings_or_exit()
     bind = host if host is not None else settings.console_host
     token = settings.console_token.get_secret_value() if settings.console_token else None
     if not is_loopback(bind) and not token:

@@ -20,25 +20,12 @@ from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aio_pika
-import aiormq
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractConnection,
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractQueue,
-    DeliveryMode,
-)
+from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 from aiormq.abc import DeliveredMessage
 
-from broker.amqp.connection import connect
-from broker.amqp.nodes import AmqpNodes, open_on_a_node, reopen_on_a_node
-from broker.amqp.renewable_channel import RenewableChannel
-from broker.amqp.session import CONNECTION_ERRORS
-from broker.amqp.topology import declare
-from broker.amqp.urls import redact
 from broker.errors import BrokerError
-from broker.lazy_logging import LazyLogger
+from broker.producer.errors import ReplyTimeout, SubmitError
+from broker.producer.session import ProducerSession
 from schemas.codec import decode, encode
 from schemas.progress import PROGRESS_STATUS, ProgressMessage
 from schemas.reply import Reply
@@ -52,60 +39,13 @@ from schemas.topology import (
     task_queue,
 )
 
-log = LazyLogger("swarm.client")
+__all__ = ["ReplyTimeout", "SubmitError", "SwarmClient", "SyncSwarmClient"]
 
 P = ParamSpec("P")
 S = TypeVar("S")
 
-REPLY_QUEUE_EXPIRES_MS = 30 * 60 * 1000
-RECONNECT_FIRST_S = 0.2
-RECONNECT_MAX_S = 5.0
-# Bounded: closing a connection that is going away can wait forever.
-CLOSE_S = 5.0
-PUBLISH_ATTEMPTS = 8
-PUBLISH_WAIT_S = 60.0
 # How long status and cancel wait for the daemon's answer unless told.
 CONTROL_WAIT_S = 30.0
-PUBLISH_RETRY_ON: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncio.TimeoutError)
-PUBLISH_RETRY_OR_NACK: tuple[type[BaseException], ...] = (
-    *PUBLISH_RETRY_ON,
-    aiormq.exceptions.DeliveryError,
-)
-
-
-def _is_nack(error: BaseException) -> bool:
-    return isinstance(error, aiormq.exceptions.DeliveryError) and isinstance(
-        error.frame, aiormq.spec.Basic.Nack
-    )
-
-
-def _reconnect_failed(exc: Exception, retry_in_s: float) -> None:
-    log.warning(
-        "client_reconnect_failed", error=f"{type(exc).__name__}: {exc}", retry_in_s=retry_in_s
-    )
-
-
-class SubmitError(BrokerError):
-    """The task could not be handed to RabbitMQ (unroutable or refused)."""
-
-
-class ReplyTimeout(BrokerError):
-    """No reply arrived within the client's wait (`wait_s`). `task_id` names the task (None
-    for a control request), `queue` the queue it was sent to, and `consumers` how many
-    consumers that queue had when the wait ended (0: no daemon reads it; None: unknown)."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        task_id: str | None = None,
-        queue: str | None = None,
-        consumers: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.task_id = task_id
-        self.queue = queue
-        self.consumers = consumers
 
 
 def _deprecated_timeout(fields: dict[str, Any], wait_s: float | None, method: str) -> float | None:
@@ -143,20 +83,8 @@ class SwarmClient:
         shuffle: bool = False,
         delete_reply_queue: bool | None = None,
     ) -> None:
-        self._nodes = AmqpNodes(amqp_url, shuffle=shuffle)
-        # On a cluster the reply queue must outlive the node it was declared on: a quorum
-        # queue (replicated), consumed with acks, so that no reply is lost with a node, not
-        # even one RabbitMQ had sent when the node died. On one node, as it always was.
-        self._replicated_replies = len(self._nodes.urls) > 1
+        self._session = ProducerSession(amqp_url, shuffle=shuffle, on_reply=self._on_reply)
         self._reply_timeout_s = reply_timeout_s
-        self._connection: AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._tasks: AbstractExchange | None = None
-        self._replies: AbstractQueue | None = None
-        self._reply_tag: str | None = None
-        # Tasks go out on a confirm channel of their own, replaced after a nack: a quorum
-        # queue that refused on a channel may keep refusing on it (renewable_channel.py).
-        self._publishing = RenewableChannel(self._open_publish_channel)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         # Correlation ids of requests published and not yet answered, whether or not anyone
         # still waits: while any is owed, close() keeps the reply queue (delete_reply_queue).
@@ -167,20 +95,16 @@ class SwarmClient:
         )
         self._delete_reply_queue = delete_reply_queue
         self._progress_listeners: dict[str, Callable[[ProgressMessage], None]] = {}
-        # Named once: the same queue is consumed again after a reconnect.
-        self._reply_queue = f"swarm.reply.{uuid.uuid4().hex}"
-        self._ready = asyncio.Event()
-        self._lost = asyncio.Event()
-        self._closing = False
-        self._supervisor: asyncio.Task[None] | None = None
-        # Publishes sent again because the connection they went out on was lost unconfirmed.
-        self.publishes_resent = 0
 
     @property
     def node(self) -> str | None:
         """The RabbitMQ node connected to, password masked; None while reconnecting."""
-        in_use = self._nodes.in_use
-        return redact(in_use) if in_use is not None else None
+        return self._session.node
+
+    @property
+    def publishes_resent(self) -> int:
+        """Publishes sent again: their connection was lost unconfirmed, or RabbitMQ refused."""
+        return self._session.publishes_resent
 
     async def __aenter__(self) -> "SwarmClient":
         await self.connect()
@@ -197,99 +121,12 @@ class SwarmClient:
     async def connect(self) -> None:
         """Connect (AmqpUnavailable if RabbitMQ is not there), then reconnect by itself
         whenever the connection drops."""
-        await self._open()
-        self._supervisor = asyncio.create_task(self._supervise())
-
-    async def _supervise(self) -> None:
-        """Whenever the session fails (its connection dropped, or RabbitMQ closed its channel),
-        open a new one, with backoff, until one opens: whatever a failed attempt raised (a
-        channel error while declaring is not an AmqpUnavailable). Only `close()`, which cancels
-        this task, ends it."""
-        while not self._closing:
-            await self._lost.wait()
-            self._ready.clear()
-            log.warning("client_connection_lost", node=self.node)
-            self._nodes.lost()
-            await self._close_connection()
-            reopened = await reopen_on_a_node(
-                self._nodes,
-                self._open_on,
-                self._node_failed,
-                first_s=RECONNECT_FIRST_S,
-                max_s=RECONNECT_MAX_S,
-                stopped=lambda: self._closing,
-                on_round_failed=_reconnect_failed,
-            )
-            if reopened:
-                log.info("client_reconnected", node=self.node)
-
-    async def _open(self) -> None:
-        """A session on the first node of a round that takes one (broker/amqp/nodes.py)."""
-        await open_on_a_node(self._nodes, self._open_on, self._node_failed)
-
-    @staticmethod
-    def _node_failed(url: str, exc: Exception) -> None:
-        log.warning(
-            "client_node_unavailable",
-            node=redact(url),
-            error=f"{type(exc).__name__}: {exc}".rstrip(": "),
-        )
-
-    async def _open_on(self, url: str) -> None:
-        """Connect, declare, consume the reply queue; a connection that fails on the way is
-        closed, never left behind."""
-        connection = await connect(url, name="swarm-client")
-        self._lost = asyncio.Event()
-        lost = self._lost
-        connection.close_callbacks.add(lambda *_: lost.set())
-        self._connection = connection
-        try:
-            self._channel = await connection.channel(publisher_confirms=True)
-            # A channel RabbitMQ closed (a refused publish, a deleted exchange) ends the
-            # session as a dropped connection does: publishes on it would fail until then.
-            self._channel.close_callbacks.add(lambda *_: lost.set())
-            # Declaring is idempotent; it means a task published before any daemon ever ran is
-            # queued, not dropped.
-            topology = await declare(self._channel)
-            self._tasks = topology.tasks
-            # A reply queue named by the client, not exclusive: it outlives a dropped
-            # connection, so replies published while the client reconnects wait for it.
-            # RabbitMQ deletes it once unused for REPLY_QUEUE_EXPIRES_MS.
-            if self._replicated_replies:
-                self._replies = await self._channel.declare_queue(
-                    self._reply_queue,
-                    durable=True,  # RabbitMQ's rule for quorum queues
-                    arguments={"x-queue-type": "quorum", "x-expires": REPLY_QUEUE_EXPIRES_MS},
-                )
-                self._reply_tag = await self._replies.consume(self._on_reply_acked)
-            else:
-                self._replies = await self._channel.declare_queue(
-                    self._reply_queue,
-                    durable=False,
-                    arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
-                )
-                self._reply_tag = await self._replies.consume(self._on_reply, no_ack=True)
-        except BaseException:
-            await self._close_connection()
-            raise
-        self._ready.set()
-
-    async def _open_publish_channel(self) -> aiormq.abc.AbstractChannel:
-        assert self._channel is not None
-        underlay = await self._channel.get_underlay_channel()
-        # A publish RabbitMQ returns (mandatory, no queue) resolves to the returned message.
-        return await underlay.connection.channel(publisher_confirms=True, on_return_raises=False)
-
-    async def _close_connection(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None and not connection.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), CLOSE_S)
+        await self._session.open()
 
     @property
     def reply_queue(self) -> str:
         """The name of this client's reply queue."""
-        return self._reply_queue
+        return self._session.reply_queue
 
     @property
     def replies_owed(self) -> int:
@@ -299,55 +136,12 @@ class SwarmClient:
     async def close(self) -> None:
         """Stop waiting, delete the reply queue (see the class: `delete_reply_queue`) and
         close the connection."""
-        self._closing = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
         for future in self._waiting.values():
             future.cancel()
         delete = self._delete_reply_queue
         if delete is None:
             delete = not self._owed
-        if delete and self._ready.is_set():
-            await self._delete_replies()
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            await connection.close()
-
-    async def _delete_replies(self) -> None:
-        """Stop consuming the reply queue, then delete it on a channel of its own (bounded:
-        never holds up close). One that cannot be deleted now expires as before (x-expires)."""
-        connection, replies, tag = self._connection, self._replies, self._reply_tag
-        if connection is None or connection.is_closed:
-            return
-
-        async def delete() -> None:
-            if replies is not None and tag is not None:
-                # Cancelled by us first: RabbitMQ cancelling it for the deleted queue would be
-                # logged as a warning.
-                await replies.cancel(tag)
-            channel = await connection.channel()
-            try:
-                await channel.queue_delete(self._reply_queue)
-            finally:
-                await channel.close()
-
-        try:
-            await asyncio.wait_for(delete(), CLOSE_S)
-        except Exception as exc:  # best effort: the queue expires anyway
-            log.warning(
-                "client_reply_queue_not_deleted",
-                queue=self._reply_queue,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-
-    async def _on_reply_acked(self, message: AbstractIncomingMessage) -> None:
-        """A reply from the replicated queue, acknowledged once handled: one whose ack was
-        lost with its node comes again, and is then a duplicate, ignored."""
-        try:
-            await self._on_reply(message)
-        finally:
-            with contextlib.suppress(*CONNECTION_ERRORS):
-                await message.ack()
+        await self._session.close(delete_reply_queue=delete)
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         correlation_id = message.correlation_id or ""
@@ -366,11 +160,6 @@ class SwarmClient:
             future.set_result(Reply.model_validate(decode(message.body)))
         except Exception as exc:
             future.set_exception(exc)
-
-    def _require(self) -> tuple[AbstractChannel, AbstractExchange, AbstractQueue]:
-        if self._channel is None or self._tasks is None or self._replies is None:
-            raise BrokerError("the client is not connected; use `async with SwarmClient(...)`")
-        return self._channel, self._tasks, self._replies
 
     async def send(
         self,
@@ -396,7 +185,7 @@ class SwarmClient:
 
         With `on_progress`, the task asks for progress messages and each one the handler
         reports is handed to it (best effort: some may be missed, the reply never is)."""
-        _, tasks, replies = self._require()
+        _, replies = self._session.require()
         task_id = task_id or uuid.uuid4().hex
         if run_timeout_s is not None:
             fields["timeout_s"] = run_timeout_s
@@ -432,7 +221,7 @@ class SwarmClient:
             headers=headers or None,
         )
         try:
-            confirmation = await self._publish(tasks, message, task_type)
+            confirmation = await self._session.publish(message, task_type)
         except Exception as exc:
             self._waiting.pop(correlation_id, None)
             self._progress_listeners.pop(correlation_id, None)
@@ -448,45 +237,6 @@ class SwarmClient:
     def _forget(self, correlation_id: str) -> None:
         self._waiting.pop(correlation_id, None)
         self._progress_listeners.pop(correlation_id, None)
-
-    async def _publish(
-        self, tasks: AbstractExchange, message: aio_pika.Message, task_type: str
-    ) -> object:
-        """Publish with confirms; while the connection is being restored, or RabbitMQ nacks (a
-        full queue, a quorum queue electing a leader), try again with backoff. Safe:
-        the daemon answers a task id once, however often it is published."""
-        for attempt in range(PUBLISH_ATTEMPTS):
-            if attempt:
-                self.publishes_resent += 1
-            if not self._ready.is_set():
-                # Only when needed: on Python 3.11 wait_for can swallow a cancel that lands as
-                # its inner wait completes (CPython gh-86296), which would make a cancelled
-                # caller carry on.
-                await asyncio.wait_for(self._ready.wait(), PUBLISH_WAIT_S)
-            assert self._tasks is not None
-            try:
-                async with self._publishing.use() as channel:
-                    try:
-                        return await channel.basic_publish(
-                            message.body,
-                            exchange=self._tasks.name,
-                            routing_key=task_type,
-                            properties=message.properties,
-                            mandatory=True,
-                        )
-                    except aiormq.exceptions.DeliveryError as exc:
-                        if _is_nack(exc):
-                            self._publishing.renew(channel)
-                        raise
-            except PUBLISH_RETRY_OR_NACK as exc:
-                # A nack: the task queue is full (reject-publish) or, on a cluster, its
-                # quorum queue is electing a leader; either may pass within seconds.
-                if not isinstance(exc, PUBLISH_RETRY_ON) and not _is_nack(exc):
-                    raise
-                if attempt == PUBLISH_ATTEMPTS - 1:
-                    raise
-                await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
-        raise AssertionError("unreachable")
 
     async def submit(
         self,
@@ -533,26 +283,9 @@ class SwarmClient:
         return ReplyTimeout(message, task_id=task_id, queue=queue, consumers=consumers)
 
     async def consumers(self, queue: str) -> int | None:
-        """How many consumers `queue` has now (a passive declare on a channel of its own),
-        or None when that cannot be read (not connected, no such queue)."""
-        connection = self._connection
-        if connection is None or connection.is_closed:
-            return None
-
-        async def count() -> int:
-            channel = await connection.channel()
-            try:
-                declared = await channel.declare_queue(queue, passive=True)
-                result = declared.declaration_result
-                return int(result.consumer_count or 0)
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
-
-        try:
-            return await asyncio.wait_for(count(), CLOSE_S)
-        except Exception:  # only a hint in a message
-            return None
+        """How many consumers `queue` has now, or None when that cannot be read (not
+        connected, no such queue)."""
+        return await self._session.consumers(queue)
 
     async def map(
         self,
@@ -591,7 +324,7 @@ class SwarmClient:
         """Send a control request to `swarm.control` and return its ok answer's result. The
         request expires from the queue after `wait_s` unread: none lingers for a daemon that
         starts later, when no one waits for its answer any more."""
-        channel, _, replies = self._require()
+        channel, replies = self._session.require()
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[correlation_id] = future

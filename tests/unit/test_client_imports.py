@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from broker import cli_entry
+from broker.cli import entry as cli_entry
 from broker.lazy_logging import LazyLogger
 
 DAEMON_ONLY = (

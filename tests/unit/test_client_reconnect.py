@@ -1,6 +1,7 @@
-"""The client's supervisor: any failure of a session (its connection dropped, RabbitMQ closing
-its channel, a channel error while declaring on the way back) leads to a new session with
-backoff; only close() ends it. On fake connections: no RabbitMQ."""
+"""The client session's supervisor (broker/producer/session.py): any failure of a session
+(its connection dropped, RabbitMQ closing its channel, a channel error while declaring on the
+way back) leads to a new session with backoff; only close() ends it. On fake connections: no
+RabbitMQ."""
 
 import asyncio
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from typing import Any
 import aiormq
 import pytest
 
-from broker.producer import client as client_module
+from broker.producer import session as session_module
 from broker.producer.client import SwarmClient
 
 
@@ -85,10 +86,10 @@ class Broker:
 @pytest.fixture
 def broker(monkeypatch: pytest.MonkeyPatch) -> Broker:
     fake = Broker()
-    monkeypatch.setattr(client_module, "connect", fake.connect)
-    monkeypatch.setattr(client_module, "declare", fake.declare)
-    monkeypatch.setattr(client_module, "RECONNECT_FIRST_S", 0.001, raising=False)
-    monkeypatch.setattr(client_module, "RECONNECT_MAX_S", 0.005, raising=False)
+    monkeypatch.setattr(session_module, "connect", fake.connect)
+    monkeypatch.setattr(session_module, "declare", fake.declare)
+    monkeypatch.setattr(session_module, "RECONNECT_FIRST_S", 0.001)
+    monkeypatch.setattr(session_module, "RECONNECT_MAX_S", 0.005)
     return fake
 
 
@@ -102,7 +103,7 @@ async def until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
 
 
 async def reconnected(broker: Broker, swarm: SwarmClient, connections: int) -> None:
-    await until(lambda: len(broker.connections) >= connections and swarm._ready.is_set())
+    await until(lambda: len(broker.connections) >= connections and swarm._session.ready.is_set())
 
 
 async def test_a_channel_error_on_the_way_back_does_not_end_reconnection(broker: Broker) -> None:
@@ -111,7 +112,7 @@ async def test_a_channel_error_on_the_way_back_does_not_end_reconnection(broker:
     broker.declare_failures = 2
     await broker.connections[0].close()  # the connection drops
     await reconnected(broker, swarm, 4)
-    assert swarm._supervisor is not None and not swarm._supervisor.done()
+    assert swarm._session._supervisor is not None and not swarm._session._supervisor.done()
     # The two sessions that failed half-way were closed, not left open.
     assert [c.is_closed for c in broker.connections] == [True, True, True, False]
     await swarm.close()
@@ -133,7 +134,7 @@ async def test_close_stops_the_supervisor_while_it_backs_off(broker: Broker) -> 
     broker.declare_failures = 10**6
     await broker.connections[0].close()
     await until(lambda: len(broker.connections) >= 3)
-    supervisor = swarm._supervisor
+    supervisor = swarm._session._supervisor
     assert supervisor is not None
     await swarm.close()
     with pytest.raises(asyncio.CancelledError):

@@ -4,7 +4,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from broker.submit_options import OptionError, build_task, parse_deadline, parse_resources
+from broker.cli.submit_options import OptionError, build_task, parse_deadline, parse_resources
 
 
 def test_a_deadline_is_iso_8601_or_unix_seconds_or_seconds_from_now() -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from broker.cli.common import fail, run_async, settings_or_exit
 from broker.ops.dead_letter_filter import LetterFilter, groups
 from broker.ops.dead_letter_view import details, summary
 from schemas.errors import SwarmError
@@ -66,18 +67,14 @@ def _letter_filter(
 
 
 def _amqp_url() -> str:
-    from broker.cli import _settings
-
-    return _settings().amqp_url.get_secret_value()
+    return settings_or_exit().amqp_url.get_secret_value()
 
 
 def _run(coro: Any) -> Any:
-    from broker.cli import _fail, _run_async
-
     try:
-        return _run_async(coro)
+        return run_async(coro)
     except SwarmError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 @dead_app.command("ls")
@@ -144,7 +141,6 @@ def show(
 ) -> None:
     """One letter: its decoded body, headers, error and traceback. Removes nothing."""
     from broker.amqp.dead_letter_box import DeadLetterBox
-    from broker.cli import _fail
 
     async def go() -> dict[str, Any] | None:
         async with DeadLetterBox.open(_amqp_url()) as box:
@@ -155,7 +151,7 @@ def show(
 
     found = _run(go())
     if found is None:
-        _fail(LookupError(f"no dead letter of task {task_id!r} in swarm.dead"))
+        fail(LookupError(f"no dead letter of task {task_id!r} in swarm.dead"))
     typer.echo(json.dumps(found, indent=2, default=_printable))
 
 

@@ -1,4 +1,4 @@
-"""Where the `swarm` console script enters. The command (broker/cli.py) needs the daemon
+"""Where the `swarm` console script enters. The command (broker/cli/root.py) needs the daemon
 extra; in a client-only install (`pip install swarm-broker`, for producers) it says so in
 one line and exits with status 1, instead of an import traceback."""
 
@@ -28,7 +28,7 @@ def main() -> None:
             f"swarm: the command needs the daemon extra ({', '.join(missing)} not installed):"
             " pip install 'swarm-broker[daemon]'"
         )
-    from broker.cli import app
+    from broker.cli.root import app
 
     app()
 
