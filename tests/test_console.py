@@ -221,6 +221,38 @@ async def test_a_task_looked_up_by_id_shows_its_reply(
         await expect(page.locator("#state")).to_have_text("unknown")
 
 
+async def test_a_running_task_cancelled_from_the_console_after_a_confirmation(
+    start_daemon: DaemonFactory, amqp_url: str, tmp_path: Path
+) -> None:
+    chromium()
+    daemon = await start_daemon(handler_modules=DIAGNOSTICS)
+    journal = tmp_path / "runs"
+    args = {"path": str(tmp_path / "never"), "journal": str(journal)}
+    async with (
+        SwarmClient(amqp_url) as client,
+        serving(daemon, amqp_url) as url,
+        browser_page() as page,
+    ):
+        reply = await client.send("training", "wait_file", args, task_id="console-long")
+        await until_journaled(journal, 1)  # the handler began: certainly running
+        await page.goto(url + "/tasks?id=console-long")
+        await expect(page.locator("#state")).to_have_text("running")
+        await page.click("#cancel button")
+        # Nothing cancelled yet: a page naming the task and its state, a yes and a no.
+        await expect(page.locator("#confirm-state")).to_have_text("It is running.")
+        await screenshot(page, "cancel_confirm.png")
+        assert not reply.done()
+        assert (await client.task("console-long"))["state"] == "running"
+        await page.click("#confirm button")
+        await expect(page.locator("#cancelled")).to_have_text("Cancel asked: running")
+        answered = await asyncio.wait_for(reply, 60)
+        assert answered.status == "cancelled" and answered.id == "console-long"
+        await page.goto(url + "/tasks?id=console-long")
+        await expect(page.locator("#state")).to_have_text("done")
+        await expect(page.locator("#status")).to_have_text("cancelled")
+        await expect(page.locator("#cancel")).to_have_count(0)  # nothing left to cancel
+
+
 async def test_a_dead_letter_replayed_from_the_console_is_answered_ok_on_its_reply_to(
     start_daemon: DaemonFactory, producer: RawProducer, amqp_url: str, tmp_path: Path
 ) -> None:

@@ -151,6 +151,12 @@ class Console:
         if isinstance(form, Response):
             return form
         task_id = form.get("id", "").strip()
+        if form.get("confirm") != "yes":
+            # As replay and purge: first a page naming the task and its state, then the cancel.
+            looked, error = await self._daemon(self.daemon.task(task_id))
+            return self.page(
+                "cancel_confirm.html", active="tasks", task_id=task_id, answer=looked, error=error
+            )
         answer, error = await self._daemon(self.daemon.cancel(task_id))
         looked, _ = await self._daemon(self.daemon.task(task_id))
         return self.page(
