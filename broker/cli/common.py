@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
-from broker.settings import Settings, load_settings
+from broker.settings import Settings
+from broker.settings_loader import load_settings
 
 if TYPE_CHECKING:
     from broker.producer.client import SwarmClient
